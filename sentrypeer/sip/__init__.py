@@ -1,0 +1,1 @@
+"""SIP for SentryPeer: pure message parsing and stream framing, plus the Twisted protocols."""
