@@ -1,0 +1,689 @@
+"""SentryPeer's database on Twisted: start-up preparation, the pool, the write queue, the service.
+
+- :func:`prepare_database`: synchronous, once at start-up before the reactor runs (WAL, schema
+  migration, node id).
+- :class:`Database`: an ``adbapi`` pool of one SQLite connection; every method returns a Deferred.
+- :class:`WriteQueue`: the event pipeline's bounded, batching, never-blocking sink.
+- :class:`DatabaseService`: owns both, flushes on stop, prunes old events (``--retention-days``).
+
+The original opened the file per operation, re-ran its DDL on every insert and wrote from several
+threads without ``busy_timeout``, losing events to SQLITE_BUSY (reference §4.2, §14.9); here one
+connection does all the work, writes are batched into few transactions, and a failed batch is
+retried rather than dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    TimeoutError,
+    fail,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from sentrypeer.events import BadActorEvent, format_timestamp, new_event_uuid
+from sentrypeer.storage import SchemaVersionError, StorageError, queries
+
+log = Logger(namespace="sentrypeer.storage")
+
+#: ``--write-queue-size`` default: events waiting for the database.
+DEFAULT_WRITE_QUEUE_SIZE = 100_000
+#: ``--write-queue-bytes`` default: bytes (``BadActorEvent.size_hint``) waiting for the database.
+DEFAULT_WRITE_QUEUE_BYTES = 32 * 1024 * 1024
+#: Events per transaction of the write queue.
+DEFAULT_BATCH_SIZE = 2000
+#: SQLite ``busy_timeout``, milliseconds: how long a statement waits for another process's lock.
+BUSY_TIMEOUT_MS = 5000
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_WRITE_QUEUE_BYTES",
+    "DEFAULT_WRITE_QUEUE_SIZE",
+    "Database",
+    "DatabaseService",
+    "IEventStore",
+    "SchemaVersionError",
+    "StorageError",
+    "WriteQueue",
+    "prepare_database",
+    "retention_cutoff",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _describe(error: Exception, path: str) -> str:
+    """One-line cause for *error*, with a hint where SQLite's own words are vague."""
+    cause = str(error) or type(error).__name__
+    if isinstance(error, sqlite3.Error) and (
+        "unable to open" in cause or "readonly" in cause or "read-only" in cause
+    ):
+        directory = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            cause += " (the file is not readable and writable by this user)"
+        elif not os.access(directory, os.W_OK | os.X_OK):
+            cause += f" (directory {directory} is not writable by this user)"
+    return cause
+
+
+def prepare_database(path: str) -> str:
+    """Make the database file ready to use and return this node's id. Synchronous.
+
+    Called once at start-up, before the reactor runs (so blocking is fine): opens *path* with
+    :mod:`sqlite3` (creating the file, never its directory), refuses a schema newer than this
+    program's without writing anything, switches the file to WAL mode, migrates it
+    (:func:`sentrypeer.storage.queries.migrate`: creates a new database, upgrades an original
+    SentryPeer one in place), then creates or reads the persistent node id (interface.md §3) and
+    closes the file. Running it again is harmless.
+
+    :param path: the database file (``--db-file``).
+    :returns: this node's id, a UUID string, the same across restarts.
+    :raises sentrypeer.storage.StorageError: with a one-line message naming *path* and the cause
+        (missing or unwritable directory, not a database, read-only, locked, ...);
+        :class:`~sentrypeer.storage.SchemaVersionError` for a newer schema.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise StorageError(path, f"directory {directory} {what}")
+    conn = None
+    try:
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
+        found = queries.user_version(conn)
+        if found > queries.SCHEMA_VERSION:
+            raise SchemaVersionError(path, found, queries.SCHEMA_VERSION)
+        if not new and found < queries.SCHEMA_VERSION:
+            log.info(
+                "Database {path}: upgrading schema version {found} to {version} (a large file takes a while)",
+                path=path,
+                found=found,
+                version=queries.SCHEMA_VERSION,
+            )
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            log.warn(
+                "Database {path}: journal mode is {mode}, not WAL; readers may block writers",
+                path=path,
+                mode=mode,
+            )
+        before, after = queries.migrate(conn)
+        if before != after:
+            log.info(
+                "Database {path}: {what} schema version {after}",
+                path=path,
+                what="created with" if new else f"upgraded from {before} to",
+                after=after,
+            )
+        with conn:
+            node_id = queries.get_or_create_node_id(conn.cursor(), new_event_uuid())
+        return node_id
+    except SchemaVersionError as e:
+        raise SchemaVersionError(path, e.found, e.supported) from None
+    except StorageError:
+        raise
+    except (sqlite3.Error, OSError) as e:
+        raise StorageError(path, _describe(e, path)) from e
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    """``cp_openfun`` of the pool: per-connection settings (WAL itself persists in the file)."""
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS:d}")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _check_schema(cursor: Any, path: str) -> None:
+    found = queries.user_version(cursor)
+    if found != queries.SCHEMA_VERSION:
+        raise StorageError(
+            path,
+            f"schema version {found}, expected {queries.SCHEMA_VERSION} (prepare_database() must run first)",
+        )
+
+
+class IEventStore(Interface):
+    """Where a :class:`WriteQueue` writes (a :class:`Database`, or a fake in tests)."""
+
+    def insert_events(events: Sequence[BadActorEvent]) -> Deferred[int]:
+        """Store *events* in one transaction, skipping already stored event_uuids.
+
+        :returns: a Deferred firing with the number of rows inserted, or failing (nothing stored;
+            :class:`~sentrypeer.storage.queries.InvalidEventError` names an event that can never
+            be stored).
+        """
+
+
+@implementer(IEventStore)
+class Database:
+    """The SQLite database behind an ``adbapi.ConnectionPool`` of exactly one connection.
+
+    ``cp_max=1``: SQLite allows one writer at a time, so several pool connections would only take
+    turns on the file lock and fail with "database is locked" under load; one connection in one
+    thread serialises all work instead (reads too, which are short). ``check_same_thread=False``
+    because the pool opens the connection in its thread but closes it from the reactor thread.
+    The connection uses WAL (readers in other processes, such as an operator's ``sqlite3`` shell,
+    do not block us), ``synchronous=NORMAL``, ``busy_timeout`` :data:`BUSY_TIMEOUT_MS` and
+    ``foreign_keys=ON`` (:func:`_configure`).
+
+    The pool is created in :meth:`start`, not here, because creating one hooks it onto the reactor.
+
+    :param path: the database file, already prepared by :func:`prepare_database`.
+    :param reactor: the reactor running the pool's thread (``IReactorCore`` and
+        ``IReactorThreads``).
+    """
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._pool: adbapi.ConnectionPool | None = None
+
+    def start(self) -> Deferred[None]:
+        """Create the pool and check the file's schema version.
+
+        :returns: a Deferred firing with ``None``, or failing with
+            :class:`~sentrypeer.storage.StorageError` (file not prepared) or :class:`sqlite3.Error`.
+        """
+        if self._pool is None:
+            self._pool = adbapi.ConnectionPool(
+                "sqlite3",
+                self.path,
+                check_same_thread=False,
+                cp_min=1,
+                cp_max=1,
+                cp_openfun=_configure,
+                cp_reactor=self._reactor,
+            )
+        return self._pool.runInteraction(_check_schema, self.path)
+
+    def close(self) -> Deferred[None]:
+        """Close the pool (waits for an interaction in progress). Calling it again does nothing."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+        return succeed(None)
+
+    def run_query(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Run ``fn(cursor, *args, **kwargs)`` in the pool's thread, in one transaction.
+
+        *fn* is a :mod:`sentrypeer.storage.queries`-style function; it is committed when it returns
+        and rolled back when it raises.
+
+        :returns: a Deferred firing with what *fn* returns, or failing with what it raises
+            (:class:`~sentrypeer.storage.StorageError` when the database is not started).
+        """
+        if self._pool is None:
+            return fail(StorageError(self.path, "the database is not started"))
+        return self._pool.runInteraction(fn, *args, **kwargs)
+
+    def insert_events(self, events: Sequence[BadActorEvent]) -> Deferred[int]:
+        """Insert *events* in one transaction (:func:`~sentrypeer.storage.queries.insert_events`).
+
+        :returns: a Deferred firing with the number of new rows.
+        """
+        return self.run_query(queries.insert_events, list(events))
+
+    def event_uuid_exists(self, event_uuid: str) -> Deferred[bool]:
+        """Whether an event with *event_uuid* is stored."""
+        return self.run_query(queries.event_uuid_exists, event_uuid)
+
+    def count_events(self) -> Deferred[int]:
+        """The number of stored events."""
+        return self.run_query(queries.count_events)
+
+    def prune_before(self, cutoff: str, batch_size: int = queries.PRUNE_BATCH_SIZE) -> Deferred[int]:
+        """Delete the events older than *cutoff*, *batch_size* rows per transaction.
+
+        Each batch is its own transaction, so writes of the :class:`WriteQueue` interleave and the
+        write lock is never held for long. Cancelling the Deferred starts no further batch (the one
+        in progress still completes in the pool's thread).
+
+        :param cutoff: ``YYYY-MM-DD HH:MM:SS[.fraction]``, UTC (see
+            :func:`~sentrypeer.storage.queries.prune_events_batch` for the comparison rules).
+        :returns: a Deferred firing with the number of rows deleted.
+        """
+        return Deferred.fromCoroutine(self._prune(cutoff, batch_size))
+
+    async def _prune(self, cutoff: str, batch_size: int) -> int:
+        total = 0
+        while True:
+            deleted = await self.run_query(queries.prune_events_batch, cutoff, batch_size)
+            total += deleted
+            if deleted < batch_size:
+                return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The write queue
+
+
+class _Entry(NamedTuple):
+    event: BadActorEvent
+    size: int
+    #: 1-based position among accepted events (orders flush() waiters).
+    seq: int
+
+
+class WriteQueue:
+    """Bounded FIFO of events on their way to the database, written in batches.
+
+    :meth:`put` never blocks and never raises: the SIP and DHT code call it per event. Events are
+    written in batches of up to *batch_size*, one transaction each, with at most one batch in
+    flight; the next batch starts ``callLater(0)`` after the previous one ends, so a burst coalesces
+    into few transactions.
+
+    A batch that fails is kept and retried after *retry_delay* seconds, doubling up to
+    *max_retry_delay*: a transient error (SQLITE_BUSY, disk full, ...) delays events but never
+    loses them. The first failure of a run is logged with its traceback, later ones in one line.
+    Only an event that can never be stored
+    (:class:`~sentrypeer.storage.queries.InvalidEventError`: a field of the wrong type) is taken out
+    of its batch, logged and counted in ``rejected``; the rest of the batch is written at once.
+
+    Counters (plain attributes, read by stats/manhole): ``queued`` (accepted), ``dropped`` (refused
+    by :meth:`put`), ``written`` (in committed batches), ``inserted`` (new rows; ``written`` minus
+    event_uuids already stored), ``rejected``, ``write_errors`` (failed attempts), ``batches``
+    (committed transactions), ``depth`` and ``depth_bytes`` (accepted, not yet written, the batch in
+    flight included).
+
+    :param store: where to write (:class:`IEventStore`, normally a :class:`Database`).
+    :param clock: schedules batches and retries.
+    :param max_events: ``--write-queue-size``; :meth:`put` refuses events while ``depth`` is this.
+    :param max_bytes: ``--write-queue-bytes``; :meth:`put` refuses an event that would take
+        ``depth_bytes`` over this (an empty queue takes any one event).
+    :param batch_size: most events per transaction.
+    :param retry_delay: seconds before the first retry of a failed batch.
+    :param max_retry_delay: longest wait between retries, seconds.
+    :param on_written: called with the events of each committed batch, in order, after the commit;
+        what it raises is logged and otherwise ignored.
+    """
+
+    def __init__(
+        self,
+        store: IEventStore,
+        clock: IReactorTime,
+        *,
+        max_events: int = DEFAULT_WRITE_QUEUE_SIZE,
+        max_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+        on_written: Callable[[list[BadActorEvent]], None] | None = None,
+    ) -> None:
+        if max_events < 1 or max_bytes < 1 or batch_size < 1:
+            raise ValueError("max_events, max_bytes and batch_size must be at least 1")
+        self._store = store
+        self._clock = clock
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.batch_size = batch_size
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.on_written = on_written
+
+        self.queued = 0
+        self.written = 0
+        self.inserted = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.write_errors = 0
+        self.batches = 0
+        self.depth_bytes = 0
+
+        self._pending: collections.deque[_Entry] = collections.deque()
+        #: The batch being written, or waiting for its retry.
+        self._batch: list[_Entry] = []
+        self._in_flight = False
+        self._call: IDelayedCall | None = None
+        self._failures = 0
+        self._dropped_since_accepting = 0
+        #: (seq of the last event to wait for, Deferred), in seq order.
+        self._waiters: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
+
+    @property
+    def depth(self) -> int:
+        """Accepted events not yet written (the batch in flight included)."""
+        return len(self._pending) + len(self._batch)
+
+    def put(self, event: BadActorEvent) -> bool:
+        """Queue *event* for writing. O(1); never blocks, never raises.
+
+        :returns: ``True`` if accepted; ``False`` if refused because the queue is full (by count or
+            bytes), counted in ``dropped``.
+        """
+        try:
+            size = event.size_hint()
+            depth = self.depth
+            if depth >= self.max_events or (depth and self.depth_bytes + size > self.max_bytes):
+                self.dropped += 1
+                if not self._dropped_since_accepting:
+                    log.warn(
+                        "Write queue full ({depth} events, {size} bytes): dropping events",
+                        depth=depth,
+                        size=self.depth_bytes,
+                    )
+                self._dropped_since_accepting += 1
+                return False
+            if self._dropped_since_accepting:
+                log.info(
+                    "Write queue accepting events again; {count} dropped while full",
+                    count=self._dropped_since_accepting,
+                )
+                self._dropped_since_accepting = 0
+            self.queued += 1
+            self._pending.append(_Entry(event, size, self.queued))
+            self.depth_bytes += size
+            self._schedule(0)
+            return True
+        except Exception:
+            self.dropped += 1
+            log.failure("Write queue refused an event it could not handle")
+            return False
+
+    def flush(self) -> Deferred[None]:
+        """Wait until every event accepted before this call is written (or rejected).
+
+        A batch waiting for its retry is retried at once. Cancelling the Deferred stops waiting
+        (nothing is discarded).
+
+        :returns: a Deferred firing with ``None``.
+        """
+        target = self.queued
+        if self._oldest_unfinished() > target:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._waiters.remove((target, d)))
+        self._waiters.append((target, d))
+        if self._failures and not self._in_flight and self._call is not None:
+            self._call.cancel()
+            self._call = None
+            self._schedule(0)
+        return d
+
+    def stats(self) -> dict[str, int]:
+        """The counters, as a new dict."""
+        names = ("queued", "written", "inserted", "dropped", "rejected", "write_errors", "batches")
+        out = {name: getattr(self, name) for name in names}
+        out["depth"] = self.depth
+        out["depth_bytes"] = self.depth_bytes
+        return out
+
+    # -- internals
+
+    def _oldest_unfinished(self) -> int:
+        if self._batch:
+            return self._batch[0].seq
+        if self._pending:
+            return self._pending[0].seq
+        return self.queued + 1
+
+    def _schedule(self, delay: float) -> None:
+        if self._in_flight or self._call is not None or not (self._batch or self._pending):
+            return
+        self._call = self._clock.callLater(delay, self._write_batch)
+
+    def _write_batch(self) -> None:
+        self._call = None
+        if not self._batch:
+            count = min(self.batch_size, len(self._pending))
+            self._batch = [self._pending.popleft() for _ in range(count)]
+        if not self._batch:
+            return
+        self._in_flight = True
+        d = maybeDeferred(self._store.insert_events, [entry.event for entry in self._batch])
+        d.addCallbacks(self._batch_written, self._batch_failed)
+        d.addErrback(lambda f: log.failure("Write queue internal error", f))
+
+    def _batch_written(self, inserted: int) -> None:
+        batch, self._batch = self._batch, []
+        self._in_flight = False
+        self.batches += 1
+        self.written += len(batch)
+        self.inserted += inserted
+        self.depth_bytes -= sum(entry.size for entry in batch)
+        if self._failures:
+            log.info(
+                "Write queue: {count} events written after {failures} failed attempts",
+                count=len(batch),
+                failures=self._failures,
+            )
+            self._failures = 0
+        if self.on_written is not None:
+            try:
+                self.on_written([entry.event for entry in batch])
+            except Exception:
+                log.failure("Write queue: the on_written hook failed")
+        self._wake_waiters()
+        self._schedule(0)
+
+    def _batch_failed(self, failure: Failure) -> None:
+        self._in_flight = False
+        error = failure.value
+        if isinstance(error, queries.InvalidEventError) and 0 <= error.index < len(self._batch):
+            entry = self._batch.pop(error.index)
+            self.rejected += 1
+            self.depth_bytes -= entry.size
+            log.error(
+                "Write queue: event {uuid} cannot be stored and is discarded: {reason}",
+                uuid=getattr(entry.event, "event_uuid", "?"),
+                reason=error.reason,
+            )
+            self._wake_waiters()
+            self._schedule(0)
+            return
+        self.write_errors += 1
+        self._failures += 1
+        delay = min(self.max_retry_delay, self.retry_delay * 2 ** (self._failures - 1))
+        if self._failures == 1:
+            log.failure(
+                "Write queue: writing {count} events failed; retrying in {delay} s",
+                failure,
+                count=len(self._batch),
+                delay=delay,
+            )
+        else:
+            log.warn(
+                "Write queue: writing {count} events failed again ({failures} attempts): "
+                "{error}; retrying in {delay} s",
+                count=len(self._batch),
+                failures=self._failures,
+                error=failure.getErrorMessage(),
+                delay=delay,
+            )
+        self._schedule(delay)
+
+    def _wake_waiters(self) -> None:
+        oldest = self._oldest_unfinished()
+        while self._waiters and self._waiters[0][0] < oldest:
+            _, d = self._waiters.popleft()
+            d.callback(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+
+
+def retention_cutoff(now: float, retention_days: float) -> str:
+    """The ``event_timestamp`` before which events are older than *retention_days* days.
+
+    :param now: seconds since the epoch (``clock.seconds()``).
+    :param retention_days: days to keep, more than 0.
+    :returns: a UTC timestamp string (:func:`sentrypeer.events.format_timestamp`).
+    """
+    return format_timestamp(round((now - retention_days * 86400) * 1_000_000_000))
+
+
+class DatabaseService(Service):
+    """Owns the :class:`Database` and its :class:`WriteQueue`; prunes old events.
+
+    :func:`prepare_database` is run by the root service before this starts; the root stores the
+    node id it returns in :attr:`node_id`. :meth:`startService` starts the pool (a failure is
+    logged); :meth:`stopService` writes out the queue, then closes the pool, and its Deferred fires
+    when both are done. Stop this service after the SIP listeners and the DHT, which feed it.
+
+    Retention (``--retention-days``, interface.md §2): when *retention_days* is more than 0, events
+    older than that are deleted *prune_delay* seconds after start, then *prune_interval* seconds
+    after each prune ends (so runs never overlap); the cutoff is computed in UTC from *clock*.
+    Errors are logged, and the next run is scheduled anyway.
+
+    :param path: the database file (``--db-file``), already prepared.
+    :param reactor: runs the pool (see :class:`Database`); also the clock unless *clock* is given.
+    :param clock: schedules batches, retries and prunes (default: *reactor*).
+    :param database: use this instead of ``Database(path, reactor)`` (tests); its ``path``,
+        ``start``, ``close``, ``insert_events`` and ``prune_before`` are used.
+    :param retention_days: days to keep events; 0 keeps them forever.
+    :param max_events: ``--write-queue-size``.
+    :param max_bytes: ``--write-queue-bytes``.
+    :param batch_size: events per transaction.
+    :param on_written: see :class:`WriteQueue`.
+    :param prune_interval: seconds between prunes.
+    :param prune_delay: seconds from start to the first prune.
+    :param flush_timeout: longest wait, in seconds, for the queue at stop (``None``: no limit);
+        events still unwritten then (the database kept failing) are logged as lost.
+    """
+
+    name = "database"
+
+    #: This node's persistent id, set by the root service from :func:`prepare_database`.
+    node_id: str | None = None
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        reactor: Any,
+        clock: IReactorTime | None = None,
+        database: Database | None = None,
+        retention_days: float = 0,
+        max_events: int = DEFAULT_WRITE_QUEUE_SIZE,
+        max_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        on_written: Callable[[list[BadActorEvent]], None] | None = None,
+        prune_interval: float = 3600.0,
+        prune_delay: float = 60.0,
+        flush_timeout: float | None = 30.0,
+    ) -> None:
+        self.database = database if database is not None else Database(path, reactor)
+        self.clock = clock if clock is not None else reactor
+        self.retention_days = retention_days
+        self.prune_interval = prune_interval
+        self.prune_delay = prune_delay
+        self.flush_timeout = flush_timeout
+        self.queue = WriteQueue(
+            self.database,
+            self.clock,
+            max_events=max_events,
+            max_bytes=max_bytes,
+            batch_size=batch_size,
+            on_written=on_written,
+        )
+        self._prune_lock = DeferredLock()
+        self._prune_call: IDelayedCall | None = None
+        self._pruning: Deferred[int] | None = None
+
+    def put(self, event: BadActorEvent) -> bool:
+        """Queue *event* for writing: :meth:`WriteQueue.put`."""
+        return self.queue.put(event)
+
+    def startService(self) -> None:
+        super().startService()
+        d = self.database.start()
+        d.addErrback(lambda f: log.failure("Database {path} failed to start", f, path=self.database.path))
+        if self.retention_days > 0:
+            self._schedule_prune(self.prune_delay)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._prune_call is not None:
+            self._prune_call.cancel()
+            self._prune_call = None
+        if self._pruning is not None:
+            self._pruning.cancel()
+        d = self.queue.flush()
+        if self.flush_timeout is not None:
+            d.addTimeout(self.flush_timeout, self.clock)
+        d.addErrback(self._flush_failed)
+        d.addCallback(lambda _: self.database.close())
+        d.addErrback(lambda f: log.failure("Closing the database failed", f))
+        return d
+
+    def _flush_failed(self, failure: Failure) -> None:
+        if failure.check(TimeoutError):
+            log.error(
+                "Database {path}: gave up after {timeout} s; {count} events were not written",
+                path=self.database.path,
+                timeout=self.flush_timeout,
+                count=self.queue.depth,
+            )
+        else:
+            log.failure("Database: flushing the write queue failed", failure)
+
+    def prune(self) -> Deferred[int]:
+        """Delete the events older than ``retention_days`` now, after any prune in progress.
+
+        :returns: a Deferred firing with the number of rows deleted.
+        :raises ValueError: (as a failed Deferred) when ``retention_days`` is not more than 0.
+        """
+        if not self.retention_days > 0:
+            return fail(ValueError("retention is off (retention_days is 0)"))
+        return self._prune_lock.run(self._prune_now)
+
+    def _prune_now(self) -> Deferred[int]:
+        cutoff = retention_cutoff(self.clock.seconds(), self.retention_days)
+        d = self.database.prune_before(cutoff)
+        self._pruning = d
+
+        def done(result: int | Failure) -> int | Failure:
+            self._pruning = None
+            if isinstance(result, int) and result:
+                log.info(
+                    "Database: pruned {count} events older than {cutoff}",
+                    count=result,
+                    cutoff=cutoff,
+                )
+            return result
+
+        return d.addBoth(done)
+
+    def _schedule_prune(self, delay: float) -> None:
+        self._prune_call = self.clock.callLater(delay, self._prune_tick)
+
+    def _prune_tick(self) -> None:
+        self._prune_call = None
+        d = self.prune()
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                log.failure("Database: pruning old events failed", failure)
+
+        def next_run(_: object) -> None:
+            if self.running:
+                self._schedule_prune(self.prune_interval)
+
+        d.addErrback(failed)
+        d.addCallback(next_run)
+        d.addErrback(lambda f: log.failure("Database: scheduling the next prune failed", f))
