@@ -132,3 +132,17 @@ class BadActorEvent:
         if self.sip_message_bytes is not None:
             n += len(self.sip_message_bytes)
         return n
+
+
+def escape_for_log(text: str | None, limit: int = 200) -> str:
+    """Make attacker text safe for one log line: control and non-ASCII characters escaped
+    (``\\n``, ``\\x1b``, ``\\u202e``), quotes kept, cut to *limit* characters with ``...``.
+
+    :param text: any string (``None`` gives ``NOT_FOUND``).
+    :param limit: maximum characters of *text* shown.
+    """
+    if text is None:
+        return NOT_FOUND
+    cut = text[:limit]
+    shown = cut.encode("unicode_escape").decode("ascii")
+    return shown + ("..." if len(text) > limit else "")

@@ -1,0 +1,251 @@
+"""The SIP controller: shared by every transport, it turns received messages into bad-actor events.
+
+Protocols (:mod:`sentrypeer.sip.protocol`) frame bytes; this module decides what is recorded (RFC 3261
+requests and non-SIP probes), what is only counted (responses, keep-alives, retransmissions) and hands
+events to the pipeline. It never raises into a transport: every input ends as an event or a counter.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import time
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from sentrypeer.events import (
+    PARSE_MALFORMED,
+    PARSE_NON_SIP,
+    PARSE_TRUNCATED,
+    BadActorEvent,
+    escape_for_log,
+    format_timestamp,
+    new_event_uuid,
+    or_not_found,
+    readable,
+)
+from sentrypeer.sip.message import SIPMessage, SIPParseError, parse_message
+from sentrypeer.stats import SIPStats
+
+#: RFC 3261 §17.2.1/§17.2.2: a server transaction absorbs retransmissions for 64*T1 = 32 s.
+TRANSACTION_WINDOW = 32.0
+#: Upper bound on remembered transactions (~60 bytes each); the oldest is forgotten first.
+MAX_TRANSACTIONS = 500_000
+
+Address = tuple[str, int]
+
+
+@functools.lru_cache(maxsize=4096)
+def normalise_address(host: str) -> str:
+    """Return a bare IP address for storage: IPv4-mapped IPv6 shown as IPv4, scope id removed.
+
+    :param host: an address as the socket layer reports it (``::ffff:1.2.3.4``, ``fe80::1%eth0``).
+    :returns: the canonical text form; unparsable input is returned unchanged.
+    """
+    bare = host.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class SIPController(ServerFactory):
+    """Turns framed messages from every transport into events, and counts the rest.
+
+    It is also the ``ServerFactory`` of the stream listeners: one instance serves TCP and TLS (see
+    :meth:`stream_factory`), so ``--max-tcp-connections`` bounds both together.
+
+    :param node_id: this node's persistent UUID (``created_by_node_id``).
+    :param sink: called with each new :class:`BadActorEvent`; returns ``False`` when the event was
+        dropped (full write queue), which is counted.
+    :param clock: time source for transaction expiry and stream timeouts.
+    :param collected_method: ``passive`` or ``responsive`` (interface.md §3).
+    :param verbose: log one line per event (``-v``/``-d``), attacker text escaped.
+    :param max_connections: TCP and TLS connections open at once (``--max-tcp-connections``).
+    :param idle_timeout: seconds a stream connection may stay silent (``--tcp-idle-timeout``).
+    """
+
+    _log = Logger(namespace="sentrypeer.sip")
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        sink: Callable[[BadActorEvent], bool],
+        clock: IReactorTime,
+        collected_method: str = "passive",
+        verbose: bool = False,
+        max_connections: int = 1024,
+        idle_timeout: float = 30.0,
+        stats: SIPStats | None = None,
+        max_transactions: int = MAX_TRANSACTIONS,
+    ) -> None:
+        self.node_id = node_id
+        self.sink = sink
+        self.clock = clock
+        self.collected_method = collected_method
+        self.verbose = verbose
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.stats = stats if stats is not None else SIPStats()
+        self.max_transactions = max_transactions
+        # hash of the transaction key -> expiry time; insertion order == expiry order.
+        self._transactions: dict[int, float] = {}
+        self.connections: set = set()
+        #: Hook for responsive mode (a later issue): ``responder(message, event, reply)`` where
+        #: ``reply(data: bytes)`` sends on the same transport to the packet's source.
+        self.responder: Callable | None = None
+
+    # -- stream factory ------------------------------------------------------------------------
+
+    def stream_factory(self, transport_type: str) -> ServerFactory:
+        """A ``ServerFactory`` building :class:`SIPStreamProtocol` for ``TCP`` or ``TLS``."""
+        from sentrypeer.sip.protocol import SIPStreamFactory
+
+        return SIPStreamFactory(self, transport_type)
+
+    # -- receive path --------------------------------------------------------------------------
+
+    def message_received(
+        self,
+        data: bytes,
+        transport_type: str,
+        source: Address,
+        destination: Address,
+        connection_id: int | None = None,
+        status: str | None = None,
+        reply: Callable[[bytes], None] | None = None,
+    ) -> BadActorEvent | None:
+        """Handle one framed message or probe.
+
+        :param data: the exact bytes (one UDP datagram, or one stream frame).
+        :param transport_type: ``UDP``, ``TCP`` or ``TLS``.
+        :param source: ``(host, port)`` of the sender.
+        :param destination: ``(host, port)`` the packet was sent to (the real local address).
+        :param connection_id: identifies the stream connection (retransmissions are matched per
+            connection on TCP/TLS, per source address and port on UDP).
+        :param status: ``truncated`` or ``non_sip`` when the framer already knows.
+        :param reply: sends bytes back to the source (used by responsive mode).
+        :returns: the recorded event, or ``None`` when nothing was recorded (response,
+            retransmission).
+        """
+        message: SIPMessage | None
+        try:
+            message = parse_message(data)
+        except SIPParseError:
+            message = None
+        if message is not None and not message.is_request:
+            self.stats.responses += 1
+            return None
+        self.stats.received[transport_type] += 1
+        if message is None:
+            status = status or PARSE_NON_SIP
+        elif status != PARSE_TRUNCATED and self._is_retransmission(
+            message, transport_type, source, connection_id
+        ):
+            self.stats.retransmissions += 1
+            return None
+        event = self._make_event(data, message, transport_type, source, destination, status)
+        if event.parse_status == PARSE_TRUNCATED:
+            self.stats.truncated += 1
+        elif event.parse_status == PARSE_NON_SIP:
+            self.stats.non_sip += 1
+        elif event.parse_status == PARSE_MALFORMED:
+            self.stats.malformed += 1
+        if self.sink(event):
+            self.stats.recorded[transport_type] += 1
+        else:
+            self.stats.dropped += 1
+        if self.verbose:
+            self._log.info(
+                "{transport} {method} from {source}:{sport} to {dest}:{dport} number={number} "
+                "ua={ua} status={status}",
+                transport=transport_type,
+                method=escape_for_log(event.sip_method),
+                source=event.source_ip,
+                sport=event.source_port,
+                dest=event.destination_ip,
+                dport=event.destination_port,
+                number=escape_for_log(event.called_number),
+                ua=escape_for_log(event.sip_user_agent),
+                status=event.parse_status,
+            )
+        if self.responder is not None and message is not None and reply is not None:
+            self.responder(message, event, reply)
+        return event
+
+    def _make_event(
+        self,
+        data: bytes,
+        message: SIPMessage | None,
+        transport_type: str,
+        source: Address,
+        destination: Address,
+        status: str | None,
+    ) -> BadActorEvent:
+        event = BadActorEvent(
+            event_timestamp=format_timestamp(time.time_ns()),
+            event_uuid=new_event_uuid(),
+            created_by_node_id=self.node_id,
+            collected_method=self.collected_method,
+            transport_type=transport_type,
+            source_ip=normalise_address(source[0]),
+            destination_ip=normalise_address(destination[0]),
+            sip_message=or_not_found(readable(data)),
+            source_port=source[1],
+            destination_port=destination[1],
+            sip_message_bytes=data,
+        )
+        if message is not None:
+            event.called_number = or_not_found(message.called_number)
+            event.sip_method = or_not_found(message.method)
+            event.sip_user_agent = or_not_found(message.user_agent)
+            event.auth_username = or_not_found(message.auth_username)
+            event.auth_realm = or_not_found(message.auth_realm)
+            event.parse_status = status or message.parse_status
+        else:
+            event.parse_status = status or PARSE_NON_SIP
+        return event
+
+    def _is_retransmission(
+        self,
+        message: SIPMessage,
+        transport_type: str,
+        source: Address,
+        connection_id: int | None,
+    ) -> bool:
+        """RFC 3261 §17.2.3 matching: same transport and source (connection on streams), top Via
+        branch, Call-ID, CSeq number and method, within :data:`TRANSACTION_WINDOW` seconds."""
+        if message.call_id is None or message.cseq_number is None:
+            return False
+        where = connection_id if connection_id is not None else source
+        key = hash(
+            (
+                transport_type,
+                where,
+                message.top_via_branch,
+                message.call_id,
+                message.cseq_number,
+                message.method,
+            )
+        )
+        now = self.clock.seconds()
+        transactions = self._transactions
+        # Expire from the front: entries were inserted in time order with one fixed window.
+        while transactions:
+            oldest = next(iter(transactions))
+            if transactions[oldest] > now:
+                break
+            del transactions[oldest]
+        if key in transactions:
+            return True
+        if len(transactions) >= self.max_transactions:
+            del transactions[next(iter(transactions))]
+        transactions[key] = now + TRANSACTION_WINDOW
+        return False

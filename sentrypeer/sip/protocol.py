@@ -1,0 +1,284 @@
+"""Twisted protocols for SIP over UDP, TCP and TLS.
+
+They frame bytes and hand complete messages to :class:`~sentrypeer.sip.controller.SIPController`
+(the split of ``twisted.names``: ``DNSDatagramProtocol``/``DNSProtocol`` -> ``DNSServerFactory``).
+
+- UDP: one datagram is one message (RFC 3261 §18.1.1: up to 65,535 bytes, never truncated). On a
+  wildcard bind the real destination address is read from ``IP_PKTINFO``/``IPV6_PKTINFO`` by
+  :class:`PacketInfoUDPPort`.
+- TCP/TLS: RFC 3261 §18.3 framing by :class:`~sentrypeer.sip.framing.StreamFramer`, keep-alive pongs
+  (RFC 5626 §3.5.1), an idle timeout and a connection limit.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from OpenSSL import SSL
+from twisted.internet import udp
+from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from sentrypeer.events import PARSE_NON_SIP, PARSE_TRUNCATED
+from sentrypeer.sip import framing
+
+_log = Logger(namespace="sentrypeer.sip")
+
+#: Largest UDP payload we accept in one read: the full 16-bit length (RFC 3261 §18.1.1).
+MAX_DATAGRAM = 65535
+#: Receive buffer asked of the kernel for UDP sockets, so bursts are queued, not dropped.
+UDP_RECEIVE_BUFFER = 8 * 1024 * 1024
+#: Seconds of silence after which a stream message sent without Content-Length is complete.
+BODY_QUIET_SECONDS = 1.0
+
+# Linux values; Python 3.11's socket module lacks IP_PKTINFO.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_CMSG_SPACE = 256
+
+
+def _address_from_cmsg(ancdata: list[tuple[int, int, bytes]]) -> str | None:
+    """Destination address from ``recvmsg`` ancillary data (``struct in_pktinfo``: ifindex,
+    spec_dst, addr; ``struct in6_pktinfo``: addr, ifindex)."""
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return socket.inet_ntop(socket.AF_INET, data[8:12])
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+            return socket.inet_ntop(socket.AF_INET6, data[:16])
+    return None
+
+
+class PacketInfoUDPPort(udp.Port):
+    """A UDP port that records each datagram's real destination address.
+
+    Reads with ``recvmsg`` and the packet-info control message, so a socket bound to ``::`` or
+    ``0.0.0.0`` knows which local address was probed (reference §2.7, GitHub issue #3). IPv4
+    destinations on a dual-stack ``::`` socket arrive as ``::ffff:a.b.c.d``. Calls
+    ``protocol.packetReceived(data, source, destination)``.
+    """
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        for level, option in (
+            (socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", None)),
+            (socket.SOL_SOCKET, socket.SO_RCVBUF),
+        ):
+            if option is None:
+                continue
+            try:
+                skt.setsockopt(level, option, UDP_RECEIVE_BUFFER)
+                break
+            except OSError:
+                continue
+        if self.addressFamily == socket.AF_INET6:
+            skt.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        else:
+            skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        return skt
+
+    def doRead(self) -> None:
+        read = 0
+        local_port = self._realPortNumber
+        while read < self.maxThroughput:
+            try:
+                data, ancdata, flags, addr = self.socket.recvmsg(self.maxPacketSize, _CMSG_SPACE)
+            except OSError as se:
+                if se.args[0] in udp._sockErrReadIgnore or se.args[0] in udp._sockErrReadRefuse:
+                    return
+                _log.failure("UDP receive error on port {port}", port=local_port)
+                return
+            read += len(data)
+            source = addr[:2]
+            local = _address_from_cmsg(ancdata) or self.interface
+            try:
+                self.protocol.packetReceived(data, source, (local, local_port))
+            except Exception:
+                _log.failure("unexpected error handling a UDP datagram")
+
+
+class SIPDatagramProtocol(DatagramProtocol):
+    """SIP over UDP: every datagram goes to the controller as one message.
+
+    Empty datagrams and keep-alives (only CR/LF) are counted, never recorded (interface.md §3).
+    """
+
+    def __init__(self, controller) -> None:
+        self.controller = controller
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Entry point when the transport gives no packet info (plain ports, test fakes): the
+        destination is the bound address."""
+        host = self.transport.getHost()
+        self.packetReceived(data, addr, (host.host, host.port))
+
+    def packetReceived(
+        self, data: bytes, source: tuple[str, int], destination: tuple[str, int]
+    ) -> None:
+        """Handle one datagram.
+
+        :param data: the datagram's bytes (0 to 65,535).
+        :param source: ``(host, port)`` of the sender.
+        :param destination: ``(host, port)`` the datagram was addressed to.
+        """
+        stats = self.controller.stats
+        stats.datagrams += 1
+        if not data.strip(b"\r\n"):
+            stats.keepalives += 1
+            return
+        try:
+            self.controller.message_received(
+                data, "UDP", source, destination, reply=lambda out: self._reply(out, source)
+            )
+        except Exception:
+            stats.internal_errors += 1
+            _log.failure("unexpected error recording a UDP datagram")
+
+    def _reply(self, data: bytes, to: tuple[str, int]) -> None:
+        try:
+            self.transport.write(data, to)
+        except OSError:
+            pass
+
+
+class SIPStreamProtocol(Protocol, TimeoutMixin):
+    """SIP over TCP or TLS: RFC 3261 §18.3 framing, one event per message.
+
+    Keep-alive pings get a CRLF pong (RFC 5626 §3.5.1); a message over the size limits, garbage
+    and a negative Content-Length end the connection after being recorded once; a partial message
+    at connection end or idle timeout is recorded as ``truncated``.
+    """
+
+    def __init__(self, factory: SIPStreamFactory) -> None:
+        self.factory = factory
+        self.controller = factory.controller
+        self.transport_type = factory.transport_type
+        self.framer = framing.StreamFramer()
+        self.bytes_received = 0
+        self._quiet_call = None
+        self._finished = False
+        self.callLater = self.controller.clock.callLater
+
+    def connectionMade(self) -> None:
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        self.source = (peer.host, peer.port)
+        self.destination = (host.host, host.port)
+        self.controller.connections.add(self)
+        stats = self.controller.stats
+        stats.connections[self.transport_type] += 1
+        stats.connections_open += 1
+        self.setTimeout(self.controller.idle_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self.bytes_received += len(data)
+        self.resetTimeout()
+        self._handle(self.framer.feed(data))
+        self._schedule_quiet_flush()
+
+    def _schedule_quiet_flush(self) -> None:
+        if self._quiet_call is not None and self._quiet_call.active():
+            self._quiet_call.cancel()
+        self._quiet_call = None
+        if self.framer.pending and not self._finished:
+            self._quiet_call = self.callLater(BODY_QUIET_SECONDS, self._quiet)
+
+    def _quiet(self) -> None:
+        self._quiet_call = None
+        if not self._finished:
+            self._handle(self.framer.flush())
+
+    def _handle(self, frames: list[framing.Frame]) -> None:
+        stats = self.controller.stats
+        for frame in frames:
+            try:
+                if frame.kind == framing.PING:
+                    stats.keepalives += 1
+                    stats.pongs += 1
+                    self.transport.write(b"\r\n")
+                elif frame.kind == framing.STRAY:
+                    stats.stray_bytes += len(frame.data)
+                elif frame.kind == framing.RESPONSE:
+                    stats.responses += 1
+                else:
+                    status = {
+                        framing.TRUNCATED: PARSE_TRUNCATED,
+                        framing.NON_SIP: PARSE_NON_SIP,
+                    }.get(frame.kind)
+                    self.controller.message_received(
+                        frame.data,
+                        self.transport_type,
+                        self.source,
+                        self.destination,
+                        connection_id=id(self),
+                        status=status,
+                        reply=self._reply,
+                    )
+            except Exception:
+                stats.internal_errors += 1
+                _log.failure("unexpected error handling a {transport} frame",
+                             transport=self.transport_type)
+            if frame.close:
+                self._finish()
+                self.transport.loseConnection()
+                return
+
+    def _reply(self, data: bytes) -> None:
+        if not self._finished:
+            self.transport.write(data)
+
+    def _finish(self) -> None:
+        self._finished = True
+        self.setTimeout(None)
+        if self._quiet_call is not None and self._quiet_call.active():
+            self._quiet_call.cancel()
+        self._quiet_call = None
+
+    def drain(self) -> None:
+        """Record what is buffered (at shutdown or idle) and stop reading; the transport is closed
+        by the caller."""
+        if not self._finished:
+            frames = self.framer.close()
+            self._finish()
+            self._handle(frames)
+
+    def timeoutConnection(self) -> None:
+        self.controller.stats.connections_idle += 1
+        self.drain()
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        stats = self.controller.stats
+        self.drain()
+        self.controller.connections.discard(self)
+        stats.connections_open -= 1
+        if self.bytes_received == 0:
+            if reason is not None and reason.check(SSL.Error):
+                stats.tls_handshake_failures += 1
+            else:
+                stats.connections_silent += 1
+
+
+class _RejectingProtocol(Protocol):
+    """Closes at once: the connection limit was reached."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class SIPStreamFactory(ServerFactory):
+    """Builds :class:`SIPStreamProtocol` for one stream transport (``TCP`` or ``TLS``); the limit
+    of open connections is shared through the controller."""
+
+    def __init__(self, controller, transport_type: str) -> None:
+        self.controller = controller
+        self.transport_type = transport_type
+
+    def buildProtocol(self, addr) -> Protocol:
+        stats = self.controller.stats
+        if stats.connections_open >= self.controller.max_connections:
+            stats.connections_rejected += 1
+            return _RejectingProtocol()
+        return SIPStreamProtocol(self)
