@@ -20,7 +20,7 @@ check: $(VENV)/.installed tools
 	$(VPY) -m twisted.trial $(TRIAL_ARGS) tests
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check sentrypeer twisted tests bench
+	$(VENV)/bin/ruff check sentrypeer twisted tests
 
 venv: $(VENV)/.installed
 

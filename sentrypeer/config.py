@@ -593,7 +593,6 @@ UNAVAILABLE_FEATURES: tuple[tuple[str, str], ...] = (
     ("sip_responsive", "-r/--sip-responsive (SIP replies)"),
     ("manhole", "--manhole (SSH manhole)"),
     ("dht_sign", "--dht-sign (signed DHT events)"),
-    ("show_node_key", "--show-node-key"),
 )
 
 

@@ -16,7 +16,7 @@ import sys
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import (
     FilteringLogObserver,
     Logger,
@@ -96,6 +96,10 @@ class SentryPeerService(MultiService):
         if self._prepared:
             return
         config = self.config
+        if config.show_node_key:
+            # An action, not a feature switch: starting the honeypot instead would surprise.
+            raise StartupError("--show-node-key is not available in this version yet (node keys come "
+                               "with signed peer-to-peer sharing)")
         for warning in config.warnings:
             log.warn("{warning}", warning=warning)
         for line in unavailable_features(config):
@@ -187,7 +191,8 @@ class SentryPeerService(MultiService):
         reactor, controller = self.reactor, self.controller
         if spec.transport == "udp":
             protocol = SIPDatagramProtocol(controller)
-            if IReactorFDSet.providedBy(reactor):
+            # Packet info needs a real socket; other reactors (test fakes) get plain listenUDP.
+            if isinstance(reactor, PosixReactorBase):
                 port = PacketInfoUDPPort(spec.port, protocol, interface, MAX_DATAGRAM, reactor)
                 port.startListening()
                 return port

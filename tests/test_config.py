@@ -504,7 +504,6 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
             "sip_responsive": ({"sip-responsive": 1}, "-r/--sip-responsive"),
             "manhole": ({"manhole": "tcp:2222:interface=127.0.0.1"}, "--manhole"),
             "dht_sign": ({"dht-sign": 1}, "--dht-sign"),
-            "show_node_key": ({"show-node-key": 1}, "--show-node-key"),
         }
         self.assertEqual(set(requests), {name for name, _ in UNAVAILABLE_FEATURES})
         for name, (options, option) in requests.items():
