@@ -8,7 +8,7 @@ VPY := $(VENV)/bin/python
 ARGS ?=
 TRIAL_ARGS ?=
 # Debian packages the integration tests drive (CI installs them; locally a missing one skips).
-TEST_TOOLS := sipvicious sipsak sip-tester openssl curl sqlite3
+TEST_TOOLS := sipvicious sipsak sip-tester openssl curl sqlite3 fail2ban
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run check lint venv tools python clean

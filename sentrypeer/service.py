@@ -13,6 +13,7 @@ import errno
 import os
 import sys
 
+from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -72,6 +73,7 @@ class SentryPeerService(MultiService):
         self.pipeline: EventPipeline | None = None
         self.database_service: DatabaseService | None = None
         self.ports: list = []
+        self.api_service = None
         self._prepared = False
 
     # -- start --------------------------------------------------------------------------------
@@ -86,7 +88,17 @@ class SentryPeerService(MultiService):
         except StartupError as e:
             log.critical("sentrypeer: {error}", error=str(e))
             raise SystemExit(1) from None
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()  # binds the API (strports raises synchronously)
+        except CannotListenError as e:
+            self._close_ports()
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            log.critical(
+                "sentrypeer: cannot listen on {address}: {reason}",
+                address=_describe("TCP", e.interface or "0.0.0.0", e.port),
+                reason=reason,
+            )
+            raise SystemExit(1) from None
 
     def prepare(self) -> None:
         """Build the tree and bind the listeners.
@@ -118,6 +130,15 @@ class SentryPeerService(MultiService):
         self.database_service.node_id = self.node_id
         self.database_service.setServiceParent(self)
         self.pipeline = EventPipeline(self.database_service.queue)
+        if config.api:
+            from sentrypeer.api import make_site
+
+            site = make_site(self.database_service.database, token=config.api_token, clock=self.reactor)
+            try:
+                self.api_service = strports.service(config.api_listen, site, reactor=self.reactor)
+            except (ValueError, KeyError, TypeError) as e:
+                raise StartupError(f"invalid --api-listen {config.api_listen!r}: {e}") from None
+            self.api_service.setServiceParent(self)
         self.controller = SIPController(
             node_id=self.node_id,
             sink=self.pipeline.submit_collected,

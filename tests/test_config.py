@@ -496,7 +496,6 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
     def test_eachFeature(self):
         """Each requested feature gives one line naming its option and saying it is ignored."""
         requests = {
-            "api": ({"api": 1}, "-a/--api"),
             "json_log": ({"json-log-file": "x.json"}, "-l/--json-log-file"),
             "syslog": ({"syslog": 1}, "-s/--syslog"),
             "webhook_url": ({"webhook-url": "https://example.com/hook"}, "-w/--webhook-url"),
@@ -519,4 +518,4 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
                                        "syslog": 1})
         lines = unavailable_features(config)
         self.assertEqual([line.split(" ")[0] for line in lines],
-                         ["-a/--api", "-s/--syslog", "-p/--p2p", "-r/--sip-responsive"])
+                         ["-s/--syslog", "-p/--p2p", "-r/--sip-responsive"])

@@ -82,12 +82,32 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(first.node_id, second.node_id)
 
     def test_unavailable_features_warned(self):
-        """A feature of a later version (-a) is one warning line, and start-up goes on."""
+        """A feature of a later version (-p) is one warning line, and start-up goes on."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service = build_service(make_config(self.directory, sip_disable=True, api=True), self.reactor)
+        service = build_service(make_config(self.directory, sip_disable=True, p2p=True), self.reactor)
         service.privilegedStartService()
         warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len([w for w in warnings if "-a/--api" in w]), 1)
+        self.assertEqual(len([w for w in warnings if "-p/--p2p" in w]), 1)
+
+    def test_api_listener(self):
+        """-a serves the REST API on --api-listen (default tcp:8082 on 127.0.0.1)."""
+        service = build_service(make_config(self.directory, sip_disable=True, api=True), self.reactor)
+        service.privilegedStartService()
+        self.assertEqual([(p, i) for p, _, _, i in self.reactor.tcpServers], [(8082, "127.0.0.1")])
+
+    def test_api_port_in_use(self):
+        """An API port that cannot be bound is one line and exit status 1."""
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            config = make_config(self.directory, sip_disable=True, api=True,
+                                 api_listen=f"tcp:{port}:interface=127.0.0.1")
+            observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+            error = self.assertRaises(SystemExit, build_service(config, reactor).privilegedStartService)
+            self.assertEqual(error.code, 1)
+            self.assertEqual(critical_lines(observer),
+                             [f"sentrypeer: cannot listen on TCP 127.0.0.1:{port}: Address already in use"])
 
 
 class StartupFailureTests(SynchronousTestCase):
@@ -141,6 +161,12 @@ class StartupFailureTests(SynchronousTestCase):
             self.assertEqual(lines, [f"sentrypeer: cannot listen on TCP 127.0.0.1:{port}: "
                                      "Address already in use"])
             self.assertEqual(service.ports, [])
+
+    def test_bad_api_listen(self):
+        """An --api-listen description Twisted cannot parse is one line naming it."""
+        directory = os.path.abspath(self.mktemp())
+        config = make_config(directory, sip_disable=True, api=True, api_listen="bogus:8082")
+        self.assertOneLineExit(config, "--api-listen", "bogus:8082")
 
     def test_show_node_key_refused(self):
         """--show-node-key (a later issue) is refused with one line instead of starting."""
