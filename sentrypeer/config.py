@@ -585,9 +585,6 @@ def from_options(options: Mapping, environ: Mapping[str, str], home: str | None 
 #: Features a user may ask for that this version does not provide yet: (Config field, how the
 #: user asks for it).  Remove a row when its feature lands.
 UNAVAILABLE_FEATURES: tuple[tuple[str, str], ...] = (
-    ("json_log", "-j/--json-log or -l/--json-log-file (JSON event log)"),
-    ("syslog", "-s/--syslog (syslog output)"),
-    ("webhook_url", "-w/--webhook-url (webhook)"),
     ("p2p", "-p/--p2p (peer to peer)"),
     ("sip_responsive", "-r/--sip-responsive (SIP replies)"),
     ("manhole", "--manhole (SSH manhole)"),

@@ -30,6 +30,7 @@ from twisted.logger import (
 from sentrypeer import __version__
 from sentrypeer.config import Config, unavailable_features
 from sentrypeer.endpoints import ListenSpec, format_listen
+from sentrypeer.outputs import OutputError, build_outputs
 from sentrypeer.pipeline import EventPipeline
 from sentrypeer.sip.controller import SIPController
 from sentrypeer.sip.protocol import MAX_DATAGRAM, PacketInfoUDPPort, SIPDatagramProtocol
@@ -130,6 +131,13 @@ class SentryPeerService(MultiService):
         self.database_service.node_id = self.node_id
         self.database_service.setServiceParent(self)
         self.pipeline = EventPipeline(self.database_service.queue)
+        for output in build_outputs(config, self.reactor):
+            try:
+                output.prepare()  # the JSON log opens its file here: a failure is a start-up error
+            except OutputError as e:
+                raise StartupError(str(e)) from None
+            output.setServiceParent(self)
+            self.pipeline.add_output(output)
         if config.api:
             from sentrypeer.api import make_site
 

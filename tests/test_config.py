@@ -496,9 +496,6 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
     def test_eachFeature(self):
         """Each requested feature gives one line naming its option and saying it is ignored."""
         requests = {
-            "json_log": ({"json-log-file": "x.json"}, "-l/--json-log-file"),
-            "syslog": ({"syslog": 1}, "-s/--syslog"),
-            "webhook_url": ({"webhook-url": "https://example.com/hook"}, "-w/--webhook-url"),
             "p2p": ({"p2p": 1}, "-p/--p2p"),
             "sip_responsive": ({"sip-responsive": 1}, "-r/--sip-responsive"),
             "manhole": ({"manhole": "tcp:2222:interface=127.0.0.1"}, "--manhole"),
@@ -518,4 +515,4 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
                                        "syslog": 1})
         lines = unavailable_features(config)
         self.assertEqual([line.split(" ")[0] for line in lines],
-                         ["-s/--syslog", "-p/--p2p", "-r/--sip-responsive"])
+                         ["-p/--p2p", "-r/--sip-responsive"])
