@@ -15,7 +15,7 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -905,9 +905,25 @@ class WriteQueueTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.successResultOf(d)
         self.assertEqual((q.written, q.depth, q.dropped, self.store.count()), (4, 0, 0, 4))
-        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
-        with_failure = [e for e in observer if "log_failure" in e]
-        self.assertEqual(len(with_failure), 1)
+        # A database condition (locked) is one line per failure, never a traceback.
+        self.assertEqual(self.flushLoggedErrors(sqlite3.OperationalError), [])
+        self.assertEqual([e for e in observer if "log_failure" in e], [])
+        lines = [formatEvent(e) for e in observer if "failed (attempt" in e.get("log_format", "")]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("database is locked", lines[0])
+
+    def test_unexpected_error_keeps_traceback(self) -> None:
+        """A failure that is not a database condition (a bug) is logged with its traceback."""
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.store.failures = [RuntimeError("bug")]
+        q = self.queue(retry_delay=1.0)
+        q.put(make_event(1))
+        d = q.flush()
+        run_due(self.clock)
+        self.clock.advance(1.0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len([e for e in observer if "log_failure" in e]), 1)
 
     def test_backoff_capped(self) -> None:
         """Retry delays double up to max_retry_delay."""

@@ -220,6 +220,39 @@ def could_start_sip(prefix: bytes) -> bool:
     return StartLineWatcher().feed(rest)
 
 
+class _Unquoted:
+    """Iterate over the special bytes (``< > , ;``) of a header value that stand outside
+    quoted strings (RFC 3261 §25.1 quoted-string, with quoted-pair escapes). Linear time.
+
+    Yields ``(index, byte value)``; after the loop :attr:`in_quote` tells whether a quoted string
+    was left open.
+    """
+
+    __slots__ = ("value", "in_quote")
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.in_quote = False
+
+    def __iter__(self):
+        value = self.value
+        skip = -1
+        for match in _SPECIALS.finditer(value):
+            i = match.start()
+            if i == skip:
+                continue
+            c = value[i]
+            if self.in_quote:
+                if c == _BACKSLASH:
+                    skip = i + 1
+                elif c == _DQUOTE:
+                    self.in_quote = False
+            elif c == _DQUOTE:
+                self.in_quote = True
+            elif c != _BACKSLASH:
+                yield i, c
+
+
 def _split_top(value: bytes, sep: int) -> tuple[list[bytes], bool]:
     """Split *value* on *sep* outside quoted strings and ``<...>``.
 
@@ -234,23 +267,10 @@ def _split_top(value: bytes, sep: int) -> tuple[list[bytes], bool]:
         return value.split(bytes((sep,))), True
     pieces: list[bytes] = []
     start = 0
-    in_quote = False
     in_angle = False
-    skip = -1
-    for match in _SPECIALS.finditer(value):
-        i = match.start()
-        if i == skip:
-            continue
-        c = value[i]
-        if in_quote:
-            if c == _BACKSLASH:
-                skip = i + 1
-            elif c == _DQUOTE:
-                in_quote = False
-            continue
-        if c == _DQUOTE:
-            in_quote = True
-        elif c == _LT:
+    scan = _Unquoted(value)
+    for i, c in scan:
+        if c == _LT:
             in_angle = True
         elif c == _GT:
             in_angle = False
@@ -258,7 +278,7 @@ def _split_top(value: bytes, sep: int) -> tuple[list[bytes], bool]:
             pieces.append(value[start:i])
             start = i + 1
     pieces.append(value[start:])
-    return pieces, not in_quote and not in_angle
+    return pieces, not scan.in_quote and not in_angle
 
 
 def _name_addr_uri(value: bytes) -> tuple[bytes | None, bool]:
@@ -270,30 +290,17 @@ def _name_addr_uri(value: bytes) -> tuple[bytes | None, bool]:
     :param value: raw header value (bytes), already unfolded.
     :returns: ``(uri, well_formed)``; *uri* is ``None`` when a quoted display name never closes.
     """
-    in_quote = False
-    skip = -1
     first_semi = -1
-    for match in _SPECIALS.finditer(value):
-        i = match.start()
-        if i == skip:
-            continue
-        c = value[i]
-        if in_quote:
-            if c == _BACKSLASH:
-                skip = i + 1
-            elif c == _DQUOTE:
-                in_quote = False
-            continue
-        if c == _DQUOTE:
-            in_quote = True
-        elif c == _LT:
+    scan = _Unquoted(value)
+    for i, c in scan:
+        if c == _LT:
             end = value.find(b">", i + 1)
             if end < 0:
                 return value[i + 1 :], False
             return value[i + 1 : end], True
         elif c == _SEMI and first_semi < 0:
             first_semi = i
-    if in_quote:
+    if scan.in_quote:
         return None, False
     return (value if first_semi < 0 else value[:first_semi]), True
 

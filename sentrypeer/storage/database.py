@@ -498,7 +498,8 @@ class WriteQueue:
         self.write_errors += 1
         self._failures += 1
         delay = min(self.max_retry_delay, self.retry_delay * 2 ** (self._failures - 1))
-        if self._failures == 1:
+        if self._failures == 1 and not failure.check(sqlite3.Error):
+            # Not a database condition (locked, disk full...): a bug, so keep the traceback.
             log.failure(
                 "Write queue: writing {count} events failed; retrying in {delay} s",
                 failure,
@@ -507,7 +508,7 @@ class WriteQueue:
             )
         else:
             log.warn(
-                "Write queue: writing {count} events failed again ({failures} attempts): "
+                "Write queue: writing {count} events failed (attempt {failures}): "
                 "{error}; retrying in {delay} s",
                 count=len(self._batch),
                 failures=self._failures,
