@@ -145,7 +145,10 @@ class SentryPeerService(MultiService):
             try:
                 self.api_service = strports.service(config.api_listen, site, reactor=self.reactor)
             except (ValueError, KeyError, TypeError) as e:
-                raise StartupError(f"invalid --api-listen {config.api_listen!r}: {e}") from None
+                hint = ""
+                if "::" in config.api_listen:
+                    hint = " (write IPv6 addresses escaped, e.g. interface=\\:\\:1)"
+                raise StartupError(f"invalid --api-listen {config.api_listen!r}: {e}{hint}") from None
             self.api_service.setServiceParent(self)
         self.controller = SIPController(
             node_id=self.node_id,
