@@ -30,7 +30,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || $(MAKE) --no-print-directory python
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test]' \
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test,dht]' \
 		--config-settings editable_mode=compat
 	touch $@
 
@@ -52,3 +52,21 @@ tools:
 
 clean:
 	rm -rf $(VENV) _trial_temp* build *.egg-info
+
+# Debian package. `make deb-deps` installs what building and checking it needs; `make deb` builds
+# it from a copy of the tree into DEB_OUT (dpkg-buildpackage's usual place, the parent directory);
+# `make deb-check` builds, lints, installs, runs, probes and purges it (as root: it installs).
+.PHONY: deb deb-deps deb-check
+DEB_OUT ?= ..
+DEB_CHECK_TOOLS := lintian systemd sipsak sqlite3 curl util-linux openssh-client dpkg-dev fakeroot
+
+deb-deps:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get build-dep -y -qq ./
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEB_CHECK_TOOLS)
+
+deb:
+	tests/debian/build-deb.sh $(DEB_OUT)
+
+deb-check: deb-deps
+	$(SUDO) tests/debian/deb-check.sh

@@ -585,10 +585,8 @@ def from_options(options: Mapping, environ: Mapping[str, str], home: str | None 
 #: Features a user may ask for that this version does not provide yet: (Config field, how the
 #: user asks for it).  Remove a row when its feature lands.
 UNAVAILABLE_FEATURES: tuple[tuple[str, str], ...] = (
-    ("p2p", "-p/--p2p (peer to peer)"),
     ("sip_responsive", "-r/--sip-responsive (SIP replies)"),
     ("manhole", "--manhole (SSH manhole)"),
-    ("dht_sign", "--dht-sign (signed DHT events)"),
 )
 
 

@@ -75,6 +75,7 @@ class SentryPeerService(MultiService):
         self.database_service: DatabaseService | None = None
         self.ports: list = []
         self.api_service = None
+        self.dht_service = None
         self._prepared = False
 
     # -- start --------------------------------------------------------------------------------
@@ -109,10 +110,6 @@ class SentryPeerService(MultiService):
         if self._prepared:
             return
         config = self.config
-        if config.show_node_key:
-            # An action, not a feature switch: starting the honeypot instead would surprise.
-            raise StartupError("--show-node-key is not available in this version yet (node keys come "
-                               "with signed peer-to-peer sharing)")
         for warning in config.warnings:
             log.warn("{warning}", warning=warning)
         for line in unavailable_features(config):
@@ -138,6 +135,18 @@ class SentryPeerService(MultiService):
                 raise StartupError(str(e)) from None
             output.setServiceParent(self)
             self.pipeline.add_output(output)
+        if config.p2p:
+            from sentrypeer.dht import DHTStartupError
+            from sentrypeer.dht.service import build_dht_service
+
+            try:
+                self.dht_service = build_dht_service(
+                    config, self.reactor, self.pipeline, self.node_id, self.database_service.database
+                )
+            except DHTStartupError as e:  # missing opendht, port in use, bad key or trusted file
+                raise StartupError(str(e)) from None
+            self.dht_service.setServiceParent(self)  # after the database, so it stops before it
+            self.pipeline.add_output(self.dht_service)
         if config.api:
             from sentrypeer.api import make_site
 

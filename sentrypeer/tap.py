@@ -113,6 +113,26 @@ class Options(usage.Options):
             self.config = from_options(self, self.environ, self.home)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self.config.show_node_key:
+            self._show_node_key()
+
+    def _show_node_key(self) -> None:
+        """``--show-node-key``: print this node's Ed25519 public key (standard base64 of the raw 32
+        bytes, interface.md §6), creating the key pair next to the database on first use, and exit
+        0 — an action like ``--version``, so it ends inside option parsing for twistd too.
+
+        :raises SystemExit: 0 after printing; 1 with a one-line message when the key cannot be
+            read or created.
+        """
+        from sentrypeer.dht.signing import NodeKeyError, show_node_key
+
+        try:
+            key = show_node_key(self.config.db_file)
+        except NodeKeyError as e:
+            sys.stderr.write(f"sentrypeer: {e}\n")
+            sys.exit(1)
+        sys.stdout.write(key + "\n")
+        sys.exit(0)
 
 
 def makeService(options: Options, reactor=None):

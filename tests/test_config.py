@@ -496,10 +496,8 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
     def test_eachFeature(self):
         """Each requested feature gives one line naming its option and saying it is ignored."""
         requests = {
-            "p2p": ({"p2p": 1}, "-p/--p2p"),
             "sip_responsive": ({"sip-responsive": 1}, "-r/--sip-responsive"),
             "manhole": ({"manhole": "tcp:2222:interface=127.0.0.1"}, "--manhole"),
-            "dht_sign": ({"dht-sign": 1}, "--dht-sign"),
         }
         self.assertEqual(set(requests), {name for name, _ in UNAVAILABLE_FEATURES})
         for name, (options, option) in requests.items():
@@ -515,4 +513,4 @@ class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
                                        "syslog": 1})
         lines = unavailable_features(config)
         self.assertEqual([line.split(" ")[0] for line in lines],
-                         ["-p/--p2p", "-r/--sip-responsive"])
+                         ["-r/--sip-responsive"])

@@ -82,12 +82,13 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(first.node_id, second.node_id)
 
     def test_unavailable_features_warned(self):
-        """A feature of a later version (-p) is one warning line, and start-up goes on."""
+        """A feature of a later version (--manhole) is one warning line, and start-up goes on."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        service = build_service(make_config(self.directory, sip_disable=True, p2p=True), self.reactor)
+        config = make_config(self.directory, sip_disable=True, manhole="tcp:2222:interface=127.0.0.1")
+        service = build_service(config, self.reactor)
         service.privilegedStartService()
         warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len([w for w in warnings if "-p/--p2p" in w]), 1)
+        self.assertEqual(len([w for w in warnings if "--manhole" in w]), 1)
 
     def test_api_listener(self):
         """-a serves the REST API on --api-listen (default tcp:8082 on 127.0.0.1)."""
@@ -167,12 +168,6 @@ class StartupFailureTests(SynchronousTestCase):
         directory = os.path.abspath(self.mktemp())
         config = make_config(directory, sip_disable=True, api=True, api_listen="bogus:8082")
         self.assertOneLineExit(config, "--api-listen", "bogus:8082")
-
-    def test_show_node_key_refused(self):
-        """--show-node-key (a later issue) is refused with one line instead of starting."""
-        directory = os.path.abspath(self.mktemp())
-        self.assertOneLineExit(make_config(directory, show_node_key=True), "--show-node-key")
-
 
 class VerboseLogTests(SynchronousTestCase):
     def test_event_line_escapes_attacker_text(self):

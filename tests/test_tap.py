@@ -1,6 +1,7 @@
 """Tests for :mod:`sentrypeer.tap` (Options, makeService), :mod:`sentrypeer.cli` and ``-m``."""
 
 import io
+import os
 import runpy
 import sys
 import types
@@ -94,8 +95,8 @@ class OptionsTests(SynchronousTestCase):
             "--max-tcp-connections", "5", "--tcp-idle-timeout", "2.5",
             "--write-queue-size", "6", "--write-queue-bytes", "2048", "--reply-rate", "3",
             "--retention-days", "9", "--syslog-socket", "/run/log", "--dht-bind", "127.0.0.1",
-            "--dht-peer-discovery", "--dht-put-rate", "4", "--show-node-key",
-        ]
+            "--dht-peer-discovery", "--dht-put-rate", "4",
+        ]  # --show-node-key is an action (prints and exits): see test_showNodeKey
         config = parse(argv).config
         self.assertEqual(
             dict(
@@ -112,7 +113,7 @@ class OptionsTests(SynchronousTestCase):
                 max_tcp_connections=5, tcp_idle_timeout=2.5, write_queue_size=6,
                 write_queue_bytes=2048, reply_rate=3.0, retention_days=9,
                 syslog_socket="/run/log", dht_bind="127.0.0.1", dht_peer_discovery=True,
-                dht_put_rate=4.0, show_node_key=True, config_file=None, warnings=(),
+                dht_put_rate=4.0, show_node_key=False, config_file=None, warnings=(),
             ),
             vars(config),
         )
@@ -230,6 +231,21 @@ class CommandLineTests(ServiceStubMixin, SynchronousTestCase):
         """``-V`` prints ``sentrypeer 5.0.0`` to stdout and returns 0."""
         self.assertEqual(sentrypeer.cli.main(["-V"]), 0)
         self.assertEqual(self.stdout.getvalue(), "sentrypeer 5.0.0\n")
+        self.assertEqual(self.runs, [])
+
+    def test_showNodeKey(self):
+        """``--show-node-key`` prints this node's Ed25519 public key (base64 of 32 raw bytes),
+        creating the pair next to the database once, returns 0 and starts nothing."""
+        import base64
+
+        directory = self.mktemp()
+        os.makedirs(directory)
+        db = os.path.join(directory, "sentrypeer.db")
+        self.assertEqual(sentrypeer.cli.main(["--show-node-key", "-f", db]), 0)
+        first = self.stdout.getvalue().strip()
+        self.assertEqual(len(base64.b64decode(first, validate=True)), 32)
+        self.assertEqual(sentrypeer.cli.main(["--show-node-key", "-f", db]), 0)
+        self.assertEqual(self.stdout.getvalue().split(), [first, first])
         self.assertEqual(self.runs, [])
 
     def test_usageError(self):
