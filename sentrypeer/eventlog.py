@@ -121,9 +121,17 @@ class JSONLogService(Service):
         self._closed = False
         #: The write function; a seam for tests that simulate a full disk.
         self._write = os.write
-        self._write_failures = FailureEpisode(self._log, "JSON log writes")
-        self._reopen_failures = FailureEpisode(self._log, "JSON log reopens")
-        self._drops = FailureEpisode(self._log, "JSON log buffering")
+        # Bounded logging (one line per episode start, a summary a minute, one at the end);
+        # retried writes and reopens are only counted until they work again.
+        self._write_failures = FailureEpisode(
+            self._log, "JSON log writes", clock=reactor, summaries=False
+        )
+        self._reopen_failures = FailureEpisode(
+            self._log, "JSON log reopens", clock=reactor, summaries=False
+        )
+        self._drops = FailureEpisode(
+            self._log, "JSON log buffering", clock=reactor, noun="line(s) dropped (buffer full)"
+        )
         self.written = 0
         self.dropped = 0
         self.errors = 0
@@ -195,6 +203,8 @@ class JSONLogService(Service):
                 lost=lost,
             )
             self._buffer, self._buffered = [], 0
+        for episode in (self._drops, self._write_failures, self._reopen_failures):
+            episode.close()
         self._close(self._fd)
         self._fd = None
         self._closed = True
@@ -213,7 +223,7 @@ class JSONLogService(Service):
                 self.dropped += 1
                 self._drops.failed(
                     "JSON log {path}: {size} bytes are waiting to be written; dropping new lines "
-                    "until they are",
+                    "(counted, summed up every minute) until they are",
                     path=self.path,
                     size=self._buffered,
                 )

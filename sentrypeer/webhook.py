@@ -13,20 +13,29 @@ What the original got wrong and this module does instead (reference §8, §14 it
   the C build sent a form Content-Type);
 * nothing runs in the packet path: calling the output appends the event to a bounded in-memory
   FIFO queue and returns; one request at a time drains it, in order;
-* success is any 2xx (the original: 200 or 201).  A failure (network error, timeout, 5xx, 404,
-  408, 425, 429, or a 401/403 that a new token did not cure) keeps the event at the head of the
-  queue and retries after an exponential backoff with jitter (:data:`INITIAL_BACKOFF` doubling up
-  to :data:`MAX_BACKOFF`); every request has a timeout (:data:`REQUEST_TIMEOUT`).  An event is
-  removed only after a 2xx, so none is delivered twice unless a response was lost in a timeout
-  (the collector can use ``event_uuid`` to drop such a duplicate).  Any other 3xx or 4xx reply
-  means the collector refuses that event: it is dropped (counted as ``rejected``) so one bad
-  event cannot block the queue.  Redirects are not followed;
+* success is any 2xx (the original: 200 or 201).  Every other outcome (a network error, a
+  timeout, any 3xx, 4xx or 5xx reply, a 401/403 that a new token did not cure) keeps the event at
+  the head of the queue and retries it after an exponential backoff with jitter
+  (:data:`INITIAL_BACKOFF` doubling up to :data:`MAX_BACKOFF`); every request has a timeout
+  (:data:`REQUEST_TIMEOUT`).  An event is removed only after a 2xx, so delivery is at least once:
+  none is delivered twice unless a response was lost in a timeout (the collector can use
+  ``event_uuid`` to drop such a duplicate).  Redirects are not followed (a 3xx is retried like a
+  5xx: it is a configuration problem, the events wait for it to be fixed);
+* so that one poisoned event cannot block the queue for ever, an event that the collector keeps
+  refusing with the same "this request is bad" status (:data:`REFUSAL_STATUSES`: 400, 405, 409,
+  410, 413, 415, 422) is dropped, counted as ``rejected``, only after :data:`MAX_REFUSALS`
+  such answers in a row spread over at least :data:`MIN_REFUSAL_PERIOD` seconds (the backoff
+  keeps growing meanwhile).  A collector that refuses everything thus loses at most one event
+  per several minutes, and the drops are logged (one line per episode);
 * the token is cached until ``expires_in`` minus a margin (the original ignored ``expires_in``);
   a 401/403 on a cached token fetches a new one once and retries at once, without recursion; a
   401/403 on a fresh token is an ordinary failure (backoff);
 * a full queue (:data:`MAX_QUEUE` events or :data:`MAX_QUEUE_BYTES` bytes) refuses new events,
-  counted as ``dropped`` and logged once per episode; at stop, the request in flight gets a short
-  grace, then the number of events not delivered is logged;
+  counted as ``dropped``.  Logging is bounded (:class:`~sentrypeer.outputs.FailureEpisode`): one
+  line when the queue fills, at most one summary line a minute while new events are dropped, and
+  one line with the total once the queue has drained to half its limits (or at stop), never one
+  line per event even when the queue sits at its limit; every drop is reported.  At stop, the
+  request in flight gets a short grace, then the number of events not delivered is logged;
 * the client secret and the token are never logged (nor the URL's user info or query).
 """
 
@@ -64,10 +73,14 @@ MAX_QUEUE_BYTES = 32 * 1024 * 1024
 #: Seconds the request in flight may still take after stop was asked.
 STOP_GRACE = 2.0
 
-#: Non-2xx replies after which the same event is tried again; any other reply rejects it.
-RETRY_STATUSES = frozenset({401, 403, 404, 408, 425, 429})
+#: Replies that say the event itself is refused: after MAX_REFUSALS of the same one in a row,
+#: over at least MIN_REFUSAL_PERIOD seconds, the event is dropped (``rejected``).  Every other
+#: non-2xx reply is retried for as long as it lasts.
+REFUSAL_STATUSES = frozenset({400, 405, 409, 410, 413, 415, 422})
+MAX_REFUSALS = 8
+MIN_REFUSAL_PERIOD = 300.0
 
-_DELIVERED, _REJECTED, _RETRY = "delivered", "rejected", "retry"
+_DELIVERED, _REFUSED, _RETRY, _BROKEN = "delivered", "refused", "retry", "broken"
 
 
 def safe_url(url: str) -> str:
@@ -98,8 +111,9 @@ class WebhookService(Service):
     """Posts every event to *url*, in order, from a bounded queue, retrying with backoff.
 
     Counters: ``sent`` (2xx), ``dropped`` (refused by a full queue, or after stop), ``rejected``
-    (refused by the collector), ``errors`` (failed attempts, including token failures),
-    ``token_requests``, ``undelivered`` (left in the queue at stop); ``pending`` is the queue length.
+    (refused by the collector too many times, see :data:`REFUSAL_STATUSES`), ``errors`` (failed
+    attempts, including token failures), ``token_requests``, ``undelivered`` (left in the queue at
+    stop); ``pending`` is the queue length.
 
     :param url: the collector's URL (``http://`` or ``https://``).
     :param reactor: provides ``callLater``/``seconds``, and the connections of the default client.
@@ -117,6 +131,9 @@ class WebhookService(Service):
     :param max_backoff: the longest retry delay, seconds.
     :param token_margin: seconds before expiry at which a token is renewed.
     :param stop_grace: seconds the request in flight may take after stop.
+    :param max_refusals: answers in :data:`REFUSAL_STATUSES` (the same one, in a row) after which
+        an event may be dropped.
+    :param min_refusal_period: seconds that must also have passed since the first of them.
     :param rng: a :class:`random.Random` for the jitter (tests make it deterministic).
     :raises ValueError: when only one of *client_id* and *client_secret* is given.
     """
@@ -141,6 +158,8 @@ class WebhookService(Service):
         max_backoff: float = MAX_BACKOFF,
         token_margin: float = TOKEN_MARGIN,
         stop_grace: float = STOP_GRACE,
+        max_refusals: int = MAX_REFUSALS,
+        min_refusal_period: float = MIN_REFUSAL_PERIOD,
         rng: random.Random | None = None,
     ) -> None:
         if (client_id is None) != (client_secret is None):
@@ -166,21 +185,32 @@ class WebhookService(Service):
         self._max_backoff = max_backoff
         self._token_margin = token_margin
         self._stop_grace = stop_grace
+        self._max_refusals = max_refusals
+        self._min_refusal_period = min_refusal_period
         self._rng = rng if rng is not None else random.Random()
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._token: str | None = None
         self._token_expiry: float | None = None
         self._failures_in_row = 0
+        #: (status, answers in a row, time of the first) of the head event's refusals.
+        self._refusal: tuple[int, int, float] | None = None
         self._worker: defer.Deferred | None = None
         self._worker_waiters: list[defer.Deferred] = []
         self._kick_call = None
         self._sleep: defer.Deferred | None = None
         self._stopping = False
-        self._delivery = FailureEpisode(self._log, "webhook deliveries")
-        self._full = FailureEpisode(self._log, "webhook queueing")
-        self._rejections = FailureEpisode(self._log, "webhook acceptance")
-        self._dropped_in_episode = 0
+        self._delivery = FailureEpisode(
+            self._log, "webhook deliveries", clock=reactor, noun="failed attempt(s)",
+            summaries=False,
+        )
+        self._full = FailureEpisode(
+            self._log, "webhook queue", clock=reactor, noun="event(s) dropped (queue full)"
+        )
+        self._rejections = FailureEpisode(
+            self._log, "webhook collector", clock=reactor,
+            noun="event(s) refused by the collector and dropped",
+        )
         self.sent = 0
         self.dropped = 0
         self.rejected = 0
@@ -274,6 +304,10 @@ class WebhookService(Service):
             )
         self._queue.clear()
         self._queued_bytes = 0
+        self._refusal = None
+        # What the episodes have not reported yet (drops of a full queue included) is logged now.
+        for episode in (self._full, self._rejections, self._delivery):
+            episode.close()
         if self._pool is not None:
             return self._pool.closeCachedConnections()
         return None
@@ -291,22 +325,14 @@ class WebhookService(Service):
                 self._queued_bytes + len(body) > self._max_queue_bytes
             ):
                 self.dropped += 1
-                self._dropped_in_episode += 1
                 self._full.failed(
                     "webhook: queue full ({count} events, {size} bytes waiting for {url}); new "
-                    "events are dropped (counted) until it drains",
+                    "events are dropped (counted, summed up every minute) until it drains",
                     count=len(self._queue),
                     size=self._queued_bytes,
                     url=safe_url(self.url),
                 )
                 return
-            if self._dropped_in_episode:
-                self._log.warn(
-                    "webhook: {count} event(s) were dropped while the queue was full",
-                    count=self._dropped_in_episode,
-                )
-                self._dropped_in_episode = 0
-                self._full.reset()
             self._queue.append(body)
             self._queued_bytes += len(body)
             self._kick()
@@ -355,29 +381,70 @@ class WebhookService(Service):
         while self._queue and not self._stopping:
             body = self._queue[0]
             try:
-                outcome = await self._attempt(body)
+                outcome, code = await self._attempt(body)
             except Exception:
                 # A bug, not a network failure: drop this event rather than retry it forever.
                 self.errors += 1
                 self._log.failure("webhook: cannot deliver an event; dropped")
-                outcome = _REJECTED
-            if outcome == _RETRY:
-                if self._stopping:
-                    return
-                self._failures_in_row += 1
-                self._sleep = deferLater(self._reactor, self.backoff_delay(self._failures_in_row))
-                try:
-                    await self._sleep
-                except defer.CancelledError:
-                    return
-                finally:
-                    self._sleep = None
-                continue
-            self._queue.popleft()
-            self._queued_bytes -= len(body)
-            self._failures_in_row = 0
+                outcome, code = _BROKEN, None
             if outcome == _DELIVERED:
                 self.sent += 1
+                self._failures_in_row = 0
+                self._pop(body)
+                continue
+            if outcome == _BROKEN:
+                self._pop(body)
+                continue
+            if outcome == _REFUSED and self._refused_for_good(code):
+                # Dropped; the backoff is kept (a collector that refuses everything stays slow).
+                self._pop(body)
+                continue
+            if outcome == _RETRY:
+                self._refusal = None
+            if self._stopping:
+                return
+            self._failures_in_row += 1
+            self._sleep = deferLater(self._reactor, self.backoff_delay(self._failures_in_row))
+            try:
+                await self._sleep
+            except defer.CancelledError:
+                return
+            finally:
+                self._sleep = None
+
+    def _pop(self, body: bytes) -> None:
+        """Remove the head event (*body*); end a full-queue episode once half the room is back."""
+        self._queue.popleft()
+        self._queued_bytes -= len(body)
+        self._refusal = None
+        if self._full.active and (
+            len(self._queue) <= self._max_queue // 2
+            and self._queued_bytes <= self._max_queue_bytes // 2
+        ):
+            self._full.succeeded()
+
+    def _refused_for_good(self, code: int) -> bool:
+        """Count one more refusal of the head event with *code*; whether it is now dropped (the
+        same refusal :data:`MAX_REFUSALS` times in a row, over :data:`MIN_REFUSAL_PERIOD` s)."""
+        now = self._reactor.seconds()
+        if self._refusal is not None and self._refusal[0] == code:
+            _, count, first = self._refusal
+            self._refusal = (code, count + 1, first)
+        else:
+            self._refusal = (code, 1, now)
+        _, count, first = self._refusal
+        if count < self._max_refusals or now - first < self._min_refusal_period:
+            return False
+        self.rejected += 1
+        self._rejections.failed(
+            "webhook: {url} refused an event {count} times in a row over {minutes} min (HTTP "
+            "{code}); it is dropped (counted as rejected, later ones summed up every minute)",
+            url=safe_url(self.url),
+            count=count,
+            minutes=round((now - first) / 60),
+            code=code,
+        )
+        return True
 
     def backoff_delay(self, failures: int) -> float:
         """Seconds to wait after *failures* failed attempts in a row: the exponential delay
@@ -386,15 +453,21 @@ class WebhookService(Service):
         delay = min(self._max_backoff, self._initial_backoff * 2 ** min(failures - 1, 32))
         return delay / 2 + self._rng.uniform(0, delay / 2)
 
-    async def _attempt(self, body: bytes) -> str:
-        """One delivery attempt of *body*, with at most one token renewal."""
+    async def _attempt(self, body: bytes) -> tuple[str, int | None]:
+        """One delivery attempt of *body*, with at most one token renewal.
+
+        :returns: ``(outcome, status)``: :data:`_DELIVERED` (2xx), :data:`_REFUSED` (a status in
+            :data:`REFUSAL_STATUSES`) or :data:`_RETRY` (anything else), and the HTTP status
+            (``None`` without a reply).
+        """
+        code: int | None = None
         for _ in range(2):
             headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
             fresh = False
             if self.oauth2:
                 token, fresh = await self._get_token()
                 if token is None:
-                    return _RETRY
+                    return _RETRY, None
                 headers["Authorization"] = "Bearer " + token
             try:
                 code, _content = await self._request(self.url, body, headers)
@@ -402,28 +475,26 @@ class WebhookService(Service):
                 if not self._stopping:
                     self._failed("webhook: POST to {url} failed ({error}); retrying with backoff",
                                  error=describe_error(e))
-                return _RETRY
+                return _RETRY, None
             if 200 <= code < 300:
                 self._delivery.succeeded()
                 self._rejections.succeeded()
-                return _DELIVERED
+                return _DELIVERED, code
             if code in (401, 403) and self.oauth2:
                 self._token = self._token_expiry = None
                 if not fresh:
                     continue  # a cached token was refused: renew it once and retry now
-            if code in RETRY_STATUSES or code >= 500:
-                self._failed("webhook: POST to {url} answered HTTP {code}; retrying with backoff",
-                             code=code)
-                return _RETRY
-            self.rejected += 1
-            self._rejections.failed(
-                "webhook: POST to {url} answered HTTP {code}; the collector refuses the event, "
-                "dropped (later refusals are counted, not logged)",
-                url=safe_url(self.url),
-                code=code,
-            )
-            return _REJECTED
-        return _RETRY
+            break
+        if 300 <= code < 400:
+            hint = " (redirects are not followed: check the URL)"
+        elif code in REFUSAL_STATUSES:
+            hint = (f" (an event refused this way {self._max_refusals} times over "
+                    f"{self._min_refusal_period / 60:g} min is dropped)")
+        else:
+            hint = ""
+        self._failed("webhook: POST to {url} answered HTTP {code}; retrying with backoff{hint}",
+                     code=code, hint=hint)
+        return (_REFUSED if code in REFUSAL_STATUSES else _RETRY), code
 
     def _failed(self, fmt: str, **fields) -> None:
         self.errors += 1

@@ -329,6 +329,28 @@ class BufferingTests(EventLogCase):
         drops = [t for t in log_text(self.observer, LogLevel.warn) if "dropping" in t]
         self.assertEqual(len(drops), 1)
 
+    def test_buffer_drops_reported_without_recovery(self):
+        """Drops while the file cannot be written are summed up within a minute, and the
+        episode's total is logged at stop, even though the log never recovers."""
+        service = self.start(max_buffer_bytes=2000)
+
+        def full(fd, data):
+            raise OSError(errno.EIO, "Input/output error")
+
+        service._write = full
+        for _ in range(20):
+            service(make_event(), False)
+        dropped = service.dropped
+        self.clock.advance(60)
+        warnings = " ".join(log_text(self.observer, LogLevel.warn))
+        self.assertIn(f"JSON log buffering: {dropped - 1} line(s) dropped (buffer full) in the last "
+                      "minute (still failing)", warnings)
+        service.stopService()
+        warnings = " ".join(log_text(self.observer, LogLevel.warn))
+        self.assertIn(f"JSON log buffering: still failing at stop, after {dropped} line(s) dropped",
+                      warnings)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_call_never_raises(self):
         """An event that cannot be encoded is counted as an error and logged, never raised into
         the pipeline."""

@@ -129,7 +129,8 @@ class Collector(resource.Resource):
     """A twisted.web resource playing the OAuth2 token endpoint (``/oauth/token``) and the webhook
     collector (any other path).
 
-    :ivar mode: ``ok`` (answer *ok_code*), ``down`` (503) or ``hang`` (never answer).
+    :ivar mode: ``ok`` (answer *ok_code*), ``down`` (503), ``status`` (answer *status_code*,
+        the event not kept) or ``hang`` (never answer).
     :ivar require_token: collector answers 401 unless ``Authorization: Bearer <valid_token>``.
     """
 
@@ -139,6 +140,7 @@ class Collector(resource.Resource):
         super().__init__()
         self.mode = "ok"
         self.ok_code = 201
+        self.status_code = 400
         self.require_token = False
         self.valid_token: str | None = None
         self.tokens_issued = 0
@@ -170,6 +172,8 @@ class Collector(resource.Resource):
             return server.NOT_DONE_YET
         if self.mode == "down":
             code = 503
+        elif self.mode == "status":
+            code = self.status_code
         elif self.require_token and headers.get("authorization") != f"Bearer {self.valid_token}":
             code = 401
         else:
@@ -298,6 +302,95 @@ class BuildOutputsTests(SynchronousTestCase):
         episode.succeeded()
         self.assertFalse(episode.active)
         self.assertEqual(log_text(observer), ["broke 1", "things: back to normal after 2 failure(s)"])
+
+
+class FailureEpisodeTests(SynchronousTestCase):
+    """FailureEpisode with a clock: bounded logging that still reports every failure."""
+
+    def setUp(self):
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import Logger, globalLogPublisher
+
+        self.clock = task.Clock()
+        self.observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.logger = Logger(namespace="test")
+
+    def episode(self, **kwargs) -> FailureEpisode:
+        return FailureEpisode(self.logger, "things", clock=self.clock, noun="event(s) dropped",
+                              **kwargs)
+
+    def test_summary_a_minute_then_total(self):
+        """A long episode: its first failure is logged, the others are summed up at most once a
+        minute (``N ... in the last minute``), and its end gives the total; no timer remains."""
+        episode = self.episode()
+        for _ in range(150):
+            episode.failed("first drop")
+            self.clock.advance(1)
+        episode.succeeded()
+        self.assertEqual(log_text(self.observer), [
+            "first drop",
+            "things: 59 event(s) dropped in the last minute (still failing)",
+            "things: 60 event(s) dropped in the last minute (still failing)",
+            "things: back to normal after 150 event(s) dropped",
+        ])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_drops_reported_without_end(self):
+        """Failures after the first are reported within a minute even when nothing else
+        happens (no later success, no later failure)."""
+        episode = self.episode()
+        for _ in range(3):
+            episode.failed("first drop")
+        self.clock.advance(59.9)
+        self.assertEqual(log_text(self.observer), ["first drop"])
+        self.clock.advance(0.1)
+        self.assertEqual(log_text(self.observer)[1],
+                         "things: 2 event(s) dropped in the last minute (still failing)")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_flapping_is_bounded(self):
+        """Failure and success alternating every second for 10 minutes (a queue at its limit,
+        a flaky receiver): one start line, one end line, then at most one summary a minute;
+        the lines account for every failure."""
+        episode = self.episode()
+        for _ in range(600):
+            episode.failed("first drop")
+            self.clock.advance(0.5)
+            episode.succeeded()
+            self.clock.advance(0.5)
+        self.clock.advance(60)
+        lines = log_text(self.observer)
+        self.assertLessEqual(len(lines), 2 + 10)
+        self.assertEqual(lines[:2], ["first drop", "things: back to normal after 1 event(s) dropped"])
+        counted = 1 + sum(int(line.split(": ")[1].split()[0]) for line in lines[2:])
+        self.assertEqual(counted, 600)
+        self.assertEqual(episode.total, 600)
+
+    def test_close_reports_at_stop(self):
+        """close() (at stop) logs what is unreported and the total of an episode under way, and
+        cancels the summary timer."""
+        episode = self.episode()
+        for _ in range(4):
+            episode.failed("first drop")
+        episode.close()
+        self.assertEqual(log_text(self.observer), [
+            "first drop",
+            "things: 3 event(s) dropped in the last minute (still failing)",
+            "things: still failing at stop, after 4 event(s) dropped",
+        ])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertFalse(episode.active)
+
+    def test_without_summaries(self):
+        """summaries=False (retries of the same thing): an announced episode logs its start and
+        its end with the total, nothing in between."""
+        episode = self.episode(summaries=False)
+        for _ in range(200):
+            episode.failed("first")
+            self.clock.advance(1)
+        episode.succeeded()
+        self.assertEqual(log_text(self.observer),
+                         ["first", "things: back to normal after 200 event(s) dropped"])
 
 
 class PipelineWiringTests(TestCase):

@@ -221,20 +221,93 @@ class PostTests(WebhookCase):
         self.client.pending()[0].answer(200)
         self.assertEqual(service.sent, 1)
 
-    def test_rejected_event_dropped(self):
-        """A 400/413/422 reply means the collector refuses that event: it is dropped (counted
-        as rejected, logged once) and the next event goes on at once."""
-        service = self.start()
-        for n in range(3):
+    def test_3xx_and_4xx_retried_not_dropped(self):
+        """Every non-2xx reply is a failure that keeps the event at the head of the queue: a 3xx
+        (redirects are not followed), 400, 404, 405, 410, 413, 418, 422 or 451 is retried after
+        the backoff delay, and the event is delivered once the collector accepts it (the original
+        of this port dropped the event on any 3xx and most 4xx)."""
+        for code in (301, 302, 307, 308, 400, 404, 405, 409, 410, 413, 415, 418, 422, 451):
+            client = self.client = FakeClient()
+            service = self.start(initial_backoff=1, max_backoff=1)
+            event = make_event(called_number=str(code))
+            service(event, False)
+            self.clock.advance(0)
+            for _ in range(3):
+                client.pending()[0].answer(code)
+                self.assertEqual((service.pending, service.rejected), (1, 0), code)
+                self.assertEqual(client.pending(), [], code)
+                self.clock.advance(1)
+            client.pending()[0].answer(201)
+            self.assertEqual([c.data for c in client.calls], [event_json(event)] * 4, code)
+            self.assertEqual((service.sent, service.pending, service.errors), (1, 0, 3), code)
+            self.successResultOf(service.stopService())
+        warnings = " ".join(log_text(self.observer, LogLevel.warn))
+        self.assertIn("answered HTTP 301; retrying with backoff (redirects are not followed", warnings)
+
+    def test_refused_event_dropped_after_bounded_attempts_over_time(self):
+        """An event refused with the same 400 is retried with the growing backoff and dropped
+        only after MAX_REFUSALS (8) such answers in a row spread over at least 5 minutes (here
+        10 attempts over 511 s with the full jitter); it is counted as rejected and logged once,
+        and the next event is then posted at once."""
+        service = self.start(initial_backoff=1, max_backoff=300)
+        for n in range(2):
             service(make_event(called_number=str(n)), False)
         self.clock.advance(0)
-        self.client.pending()[0].answer(400)
-        self.client.pending()[0].answer(413)
-        self.client.pending()[0].answer(201)
-        self.assertEqual((service.rejected, service.sent, service.pending), (2, 1, 0))
-        self.assertEqual(
-            len([t for t in log_text(self.observer, LogLevel.warn) if "refuses" in t]), 1
-        )
+        times = []
+        while service.rejected == 0:
+            call = self.client.pending()[0]
+            self.assertEqual(json.loads(call.data)["called_number"], "0")
+            times.append(self.clock.seconds())
+            call.answer(400)
+            if service.rejected == 0:
+                self.assertEqual(self.client.pending(), [])
+                self.clock.advance(service.backoff_delay(service._failures_in_row))
+        self.assertEqual(len(times), 10)
+        self.assertGreaterEqual(times[-1] - times[0], 300)
+        self.assertEqual(times[:8], [0, 1, 3, 7, 15, 31, 63, 127])
+        (call,) = self.client.pending()
+        self.assertEqual(json.loads(call.data)["called_number"], "1")
+        call.answer(201)
+        self.assertEqual((service.rejected, service.sent, service.pending, service.errors),
+                         (1, 1, 0, 10))
+        refused = [t for t in log_text(self.observer, LogLevel.warn) if "refused an event" in t]
+        self.assertEqual(len(refused), 1)
+        self.assertIn("10 times in a row", refused[0])
+        self.assertIn("HTTP 400", refused[0])
+
+    def test_changing_refusals_never_drop(self):
+        """Only the same refusal in a row counts: an event answered 400, 422 and 503 in turn for
+        an hour is still waiting, never dropped."""
+        service = self.start(initial_backoff=1, max_backoff=60)
+        service(make_event(), False)
+        self.clock.advance(0)
+        for n in range(60):
+            self.client.pending()[0].answer((400, 422, 503)[n % 3])
+            self.clock.advance(60)
+        self.assertEqual((service.rejected, service.pending, len(self.client.pending())), (0, 1, 1))
+        self.client.pending()[0].answer(200)
+        self.assertEqual(service.sent, 1)
+
+    def test_refusals_dropped_logged_per_episode(self):
+        """A collector that refuses every event: each one is dropped after its bounded attempts
+        (the backoff is not reset by a drop, so this is slow), one warning starts the episode,
+        later drops are summed up at most once a minute, the first 2xx ends it with the total."""
+        service = self.start(initial_backoff=1, max_backoff=300, max_refusals=2,
+                             min_refusal_period=0)
+        for n in range(5):
+            service(make_event(called_number=str(n)), False)
+        self.clock.advance(0)
+        while service.rejected < 4:
+            self.client.pending()[0].answer(422)
+            if not self.client.pending():
+                self.clock.advance(service.backoff_delay(service._failures_in_row))
+        self.client.pending()[0].answer(200)
+        self.assertEqual((service.rejected, service.sent, service.pending), (4, 1, 0))
+        warnings = log_text(self.observer, LogLevel.warn)
+        self.assertEqual(len([t for t in warnings if "refused an event" in t]), 1)
+        self.assertLessEqual(len(warnings), 30)
+        self.assertIn("webhook collector: back to normal after 4 event(s) refused",
+                      " ".join(log_text(self.observer, LogLevel.info)))
 
     def test_failures_logged_once_per_episode(self):
         """Repeated failures are logged once, the recovery once."""
@@ -251,7 +324,9 @@ class PostTests(WebhookCase):
 
     def test_full_queue_drops_counted(self):
         """A full queue refuses new events: counted as dropped, logged once per episode, with
-        a summary when room is back; the queued ones are still delivered in order."""
+        the total once it has drained to half its size; the queued ones are still delivered in
+        order.  (The summary used to come with the first event queued after one delivery, which
+        logged two lines per event while the queue sat at its limit.)"""
         service = self.start(max_queue=3)
         for n in range(6):
             service(make_event(called_number=str(n)), False)
@@ -261,11 +336,79 @@ class PostTests(WebhookCase):
         self.clock.advance(0)
         self.client.pending()[0].answer(200)
         service(make_event(called_number="6"), False)
-        self.assertIn("3 event(s) were dropped", " ".join(log_text(self.observer, LogLevel.warn)))
+        self.client.pending()[0].answer(200)
+        self.assertEqual(service.pending, 2)
+        self.assertNotIn("back to normal", " ".join(log_text(self.observer)))
+        self.client.pending()[0].answer(200)
+        self.assertIn("webhook queue: back to normal after 3 event(s) dropped (queue full)",
+                      " ".join(log_text(self.observer, LogLevel.info)))
         while self.client.pending():
             self.client.pending()[0].answer(200)
         numbers = [json.loads(c.data)["called_number"] for c in self.client.calls]
         self.assertEqual(numbers, ["0", "1", "2", "6"])
+
+    def test_queue_at_its_limit_logs_bounded(self):
+        """A queue that sits at its limit for 10 minutes (each delivery makes room for one
+        event, two arrive) logs one line when it fills, at most one summary a minute with the
+        drops of that minute, and one line with the total once it drains; never a line per
+        event, and every drop is in those lines."""
+        service = self.start(max_queue=10)
+        for _ in range(10):
+            service(make_event(), False)
+        self.clock.advance(0)
+        for _ in range(6000):
+            self.client.pending()[0].answer(200)
+            service(make_event(), False)
+            service(make_event(), False)
+            self.clock.advance(0.1)
+        self.assertEqual(service.dropped, 6000)
+        lines = log_text(self.observer)
+        self.assertEqual(len([t for t in lines if "webhook: queue full" in t]), 1)
+        summaries = [t for t in lines if "in the last minute" in t]
+        self.assertIn(len(summaries), (9, 10))
+        self.assertNotIn("back to normal", " ".join(lines))
+        while self.client.pending():
+            self.client.pending()[0].answer(200)
+        lines = log_text(self.observer)
+        self.assertLessEqual(len(lines), 13)
+        self.assertIn("webhook queue: back to normal after 6000 event(s) dropped (queue full)",
+                      lines[-1])
+        reported = 1 + sum(int(t.split(": ")[1].split()[0]) for t in summaries)
+        self.assertLessEqual(reported, 6000)
+
+    def test_drops_reported_when_queue_drains_without_new_event(self):
+        """Drops of a full-queue episode are reported even when no event is queued afterwards:
+        the line that ends the episode (queue back to half its size) gives their total."""
+        service = self.start(max_queue=2)
+        for _ in range(5):
+            service(make_event(), False)
+        self.clock.advance(0)
+        while self.client.pending():
+            self.client.pending()[0].answer(200)
+        self.assertEqual((service.sent, service.dropped), (2, 3))
+        self.assertIn("webhook queue: back to normal after 3 event(s) dropped (queue full)",
+                      " ".join(log_text(self.observer, LogLevel.info)))
+
+    def test_drops_reported_while_queue_stays_full_and_at_stop(self):
+        """With the collector down and the queue full, drops after the first are summed up
+        within a minute even if no event follows; the episode's total is logged at stop."""
+        service = self.start(max_queue=2, initial_backoff=1000, max_backoff=1000)
+        for _ in range(6):
+            service(make_event(), False)
+        self.clock.advance(0)
+        self.client.pending()[0].answer(503)
+        self.clock.advance(59)
+        self.assertNotIn("in the last minute", " ".join(log_text(self.observer)))
+        self.clock.advance(1)
+        self.assertIn("webhook queue: 3 event(s) dropped (queue full) in the last minute "
+                      "(still failing)", " ".join(log_text(self.observer, LogLevel.warn)))
+        service(make_event(), False)
+        self.successResultOf(service.stopService())
+        warnings = " ".join(log_text(self.observer, LogLevel.warn))
+        self.assertIn("webhook queue: 1 event(s) dropped (queue full) in the last minute", warnings)
+        self.assertIn("webhook queue: still failing at stop, after 5 event(s) dropped", warnings)
+        self.assertIn("2 event(s) not delivered", warnings)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_queue_bytes_bounded(self):
         """The queue is also bounded in bytes of JSON."""
@@ -569,6 +712,26 @@ class RealCollectorTests(TestCase):
         await wait_for(lambda: service.sent == 10)
         self.assertEqual(self.collector.delivered, [event_json(e) for e in events])
         self.assertGreaterEqual(service.errors, 3)
+
+    async def test_redirecting_then_refusing_collector_then_up(self):
+        """Over real HTTP, a collector that answers 307 (not followed), then 400 and 405 for a
+        while loses nothing: once it accepts, every event is delivered in order, none twice."""
+        self.collector.mode = "status"
+        self.collector.status_code = 307
+        service = self.start()
+        events = [make_event(called_number=str(n)) for n in range(5)]
+        for event in events:
+            service(event, False)
+        for code in (400, 405):
+            await wait_for(lambda: len(self.collector.posts) >= 3)
+            self.collector.status_code = code
+            self.collector.posts.clear()
+        await wait_for(lambda: len(self.collector.posts) >= 3)
+        self.assertEqual(self.collector.delivered, [])
+        self.collector.mode = "ok"
+        await wait_for(lambda: service.sent == 5)
+        self.assertEqual(self.collector.delivered, [event_json(e) for e in events])
+        self.assertEqual(service.rejected, 0)
 
     async def test_connection_refused_then_up(self):
         """Nothing listens (connection refused): events wait; once the collector listens again
