@@ -3,6 +3,11 @@
 Protocols (:mod:`sentrypeer.sip.protocol`) frame bytes; this module decides what is recorded (RFC 3261
 requests and non-SIP probes), what is only counted (responses, keep-alives, retransmissions) and hands
 events to the pipeline. It never raises into a transport: every input ends as an event or a counter.
+
+In responsive mode it also keeps the latest reply of each server transaction, so that a
+retransmitted request gets that reply again without being recorded twice (RFC 3261 §17.2.1,
+§17.2.2), and passes every transmission through the ``reply_gate`` (rate limits, forbidden
+destinations; :mod:`sentrypeer.sip.responder`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from sentrypeer.stats import SIPStats
 TRANSACTION_WINDOW = 32.0
 #: Upper bound on remembered transactions (~60 bytes each); the oldest is forgotten first.
 MAX_TRANSACTIONS = 500_000
+#: Upper bound on the bytes of replies kept for retransmissions; the oldest is forgotten first.
+MAX_STORED_REPLY_BYTES = 16 * 1024 * 1024
 
 Address = tuple[str, int]
 
@@ -85,6 +92,7 @@ class SIPController(ServerFactory):
         idle_timeout: float = 30.0,
         stats: SIPStats | None = None,
         max_transactions: int = MAX_TRANSACTIONS,
+        max_stored_reply_bytes: int = MAX_STORED_REPLY_BYTES,
     ) -> None:
         self.node_id = node_id
         self.sink = sink
@@ -98,9 +106,17 @@ class SIPController(ServerFactory):
         # hash of the transaction key -> expiry time; insertion order == expiry order.
         self._transactions: dict[int, float] = {}
         self.connections: set = set()
-        #: Hook for responsive mode (a later issue): ``responder(message, event, reply)`` where
-        #: ``reply(data: bytes)`` sends on the same transport to the packet's source.
+        #: Hook for responsive mode: ``responder(message, event, reply)``, called once per new
+        #: request; ``reply(data: bytes)`` stores *data* as the transaction's latest reply and
+        #: sends it (through :attr:`reply_gate`) on the same transport to the packet's source.
         self.responder: Callable | None = None
+        #: ``reply_gate(destination, data) -> bool``, asked before every transmission (first
+        #: replies and replays to retransmissions alike); ``False`` suppresses it.
+        self.reply_gate: Callable[[Address, bytes], bool] | None = None
+        self.max_stored_reply_bytes = max_stored_reply_bytes
+        # transaction key -> latest reply sent (or suppressed); insertion order == age.
+        self._replies: dict[int, bytes] = {}
+        self._reply_bytes = 0
 
     # -- stream factory ------------------------------------------------------------------------
 
@@ -144,13 +160,17 @@ class SIPController(ServerFactory):
             self.stats.responses += 1
             return None
         self.stats.received[transport_type] += 1
+        key = None
         if message is None:
             status = status or PARSE_NON_SIP
-        elif status != PARSE_TRUNCATED and self._is_retransmission(
-            message, transport_type, source, connection_id
-        ):
-            self.stats.retransmissions += 1
-            return None
+        elif status != PARSE_TRUNCATED:
+            key = self._transaction_key(message, transport_type, source, connection_id)
+            if key is not None and self._seen(key):
+                self.stats.retransmissions += 1
+                stored = self._replies.get(key)
+                if stored is not None and reply is not None:
+                    self._transmit(stored, source, reply)
+                return None
         event = self._make_event(data, message, transport_type, source, destination, status)
         if event.parse_status == PARSE_TRUNCATED:
             self.stats.truncated += 1
@@ -177,8 +197,47 @@ class SIPController(ServerFactory):
                 status=event.parse_status,
             )
         if self.responder is not None and message is not None and reply is not None:
-            self.responder(message, event, reply)
+            self.responder(message, event, self._reply_sender(key, source, reply))
         return event
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _reply_sender(
+        self, key: int | None, source: Address, reply: Callable[[bytes], None]
+    ) -> Callable[[bytes], None]:
+        """The ``reply`` given to the responder: remember, then transmit."""
+
+        def send(data: bytes) -> None:
+            if key is not None:
+                self._store_reply(key, data)
+            self._transmit(data, source, reply)
+
+        return send
+
+    def _transmit(self, data: bytes, source: Address, reply: Callable[[bytes], None]) -> None:
+        gate = self.reply_gate
+        if gate is not None and not gate(source, data):
+            return
+        reply(data)
+
+    def _store_reply(self, key: int, data: bytes) -> None:
+        """Keep *data* as the latest reply of transaction *key* (RFC 3261 §17.2.1: a retransmitted
+        INVITE gets the most recent provisional or the final response), within
+        :attr:`max_stored_reply_bytes`."""
+        if key not in self._transactions:
+            return  # the transaction already expired (a late final response)
+        self._forget_reply(key)
+        if len(data) > self.max_stored_reply_bytes:
+            return
+        self._replies[key] = data
+        self._reply_bytes += len(data)
+        while self._reply_bytes > self.max_stored_reply_bytes:
+            self._forget_reply(next(iter(self._replies)))
+
+    def _forget_reply(self, key: int) -> None:
+        old = self._replies.pop(key, None)
+        if old is not None:
+            self._reply_bytes -= len(old)
 
     def _make_event(
         self,
@@ -213,19 +272,19 @@ class SIPController(ServerFactory):
             event.parse_status = status or PARSE_NON_SIP
         return event
 
-    def _is_retransmission(
-        self,
+    @staticmethod
+    def _transaction_key(
         message: SIPMessage,
         transport_type: str,
         source: Address,
         connection_id: int | None,
-    ) -> bool:
+    ) -> int | None:
         """RFC 3261 §17.2.3 matching: same transport and source (connection on streams), top Via
-        branch, Call-ID, CSeq number and method, within :data:`TRANSACTION_WINDOW` seconds."""
+        branch, Call-ID, CSeq number and method; ``None`` without a Call-ID or CSeq number."""
         if message.call_id is None or message.cseq_number is None:
-            return False
+            return None
         where = connection_id if connection_id is not None else source
-        key = hash(
+        return hash(
             (
                 transport_type,
                 where,
@@ -235,6 +294,10 @@ class SIPController(ServerFactory):
                 message.method,
             )
         )
+
+    def _seen(self, key: int) -> bool:
+        """Whether transaction *key* was seen within :data:`TRANSACTION_WINDOW` seconds (a
+        retransmission); otherwise remember it from now on."""
         now = self.clock.seconds()
         transactions = self._transactions
         # Expire from the front: entries were inserted in time order with one fixed window.
@@ -243,9 +306,24 @@ class SIPController(ServerFactory):
             if transactions[oldest] > now:
                 break
             del transactions[oldest]
+            self._forget_reply(oldest)
         if key in transactions:
             return True
         if len(transactions) >= self.max_transactions:
-            del transactions[next(iter(transactions))]
+            oldest = next(iter(transactions))
+            del transactions[oldest]
+            self._forget_reply(oldest)
         transactions[key] = now + TRANSACTION_WINDOW
         return False
+
+    def _is_retransmission(
+        self,
+        message: SIPMessage,
+        transport_type: str,
+        source: Address,
+        connection_id: int | None,
+    ) -> bool:
+        """Whether *message* retransmits a request seen within :data:`TRANSACTION_WINDOW` seconds
+        (RFC 3261 §17.2.3); a new transaction is remembered."""
+        key = self._transaction_key(message, transport_type, source, connection_id)
+        return key is not None and self._seen(key)

@@ -5,14 +5,20 @@ They frame bytes and hand complete messages to :class:`~sentrypeer.sip.controlle
 
 - UDP: one datagram is one message (RFC 3261 §18.1.1: up to 65,535 bytes, never truncated). On a
   wildcard bind the real destination address is read from ``IP_PKTINFO``/``IPV6_PKTINFO`` by
-  :class:`PacketInfoUDPPort`.
+  :class:`PacketInfoUDPPort`, and replies leave from that same address (``sendmsg`` with the
+  packet-info control message, RFC 3261 §18.2.2: the response goes back to the source address and
+  port of the request), never to a broadcast, multicast, unspecified or port-0 address.
 - TCP/TLS: RFC 3261 §18.3 framing by :class:`~sentrypeer.sip.framing.StreamFramer`, keep-alive pongs
   (RFC 5626 §3.5.1), an idle timeout and a connection limit.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import ipaddress
 import socket
+import struct
 
 from OpenSSL import SSL
 from twisted.internet import udp
@@ -22,6 +28,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from sentrypeer.events import PARSE_NON_SIP, PARSE_TRUNCATED
 from sentrypeer.sip import framing
+from sentrypeer.sip.responses import can_reply_to
 
 _log = Logger(namespace="sentrypeer.sip")
 
@@ -48,6 +55,40 @@ def _address_from_cmsg(ancdata: list[tuple[int, int, bytes]]) -> str | None:
         if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
             return socket.inet_ntop(socket.AF_INET6, data[:16])
     return None
+
+
+#: ``sendmsg`` errors after which a reply is simply dropped (UDP gives no delivery promise).
+_DROP_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED,
+                          errno.EHOSTUNREACH, errno.ENETUNREACH))
+
+
+@functools.lru_cache(maxsize=1024)
+def source_address_cmsg(local: str, family: int) -> tuple[tuple[int, int, bytes], ...]:
+    """Ancillary data making ``sendmsg`` send from the local address *local* (Linux).
+
+    ``struct in_pktinfo`` (ifindex 0, ``ipi_spec_dst`` = *local*) on an IPv4 socket, ``struct
+    in6_pktinfo`` (*local*, ifindex 0) on an IPv6 socket, where an IPv4 address is given in its
+    IPv4-mapped form (the kernel accepts that on a dual-stack socket). Empty when *local* is not
+    a unicast address of the socket's family (then the kernel picks the source).
+
+    :param local: the address the request was received on.
+    :param family: ``AF_INET`` or ``AF_INET6``.
+    """
+    try:
+        ip = ipaddress.ip_address(local.split("%", 1)[0])
+    except ValueError:
+        return ()
+    if not can_reply_to(str(ip), 1):
+        return ()
+    if family == socket.AF_INET6:
+        if isinstance(ip, ipaddress.IPv4Address):
+            ip = ipaddress.IPv6Address("::ffff:" + str(ip))
+        return ((socket.IPPROTO_IPV6, IPV6_PKTINFO, ip.packed + struct.pack("=I", 0)),)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is None:
+            return ()
+        ip = ip.ipv4_mapped
+    return ((socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, ip.packed, bytes(4))),)
 
 
 class PacketInfoUDPPort(udp.Port):
@@ -129,16 +170,36 @@ class SIPDatagramProtocol(DatagramProtocol):
             return
         try:
             self.controller.message_received(
-                data, "UDP", source, destination, reply=lambda out: self._reply(out, source)
+                data, "UDP", source, destination,
+                reply=lambda out: self._reply(out, source, destination[0]),
             )
         except Exception:
             stats.internal_errors += 1
             _log.failure("unexpected error recording a UDP datagram")
 
-    def _reply(self, data: bytes, to: tuple[str, int]) -> None:
+    def _reply(self, data: bytes, to: tuple[str, int], local: str | None = None) -> None:
+        """Send *data* to the packet's source *to* (RFC 3261 §18.2.2 with RFC 3581 §4: the source
+        address and port, not the Via sent-by), from *local* when the transport can (packet info),
+        else with a plain write. Forbidden destinations are dropped here whatever the caller."""
+        if not can_reply_to(to[0], to[1]):
+            return
+        transport = self.transport
+        if isinstance(transport, PacketInfoUDPPort):
+            skt = getattr(transport, "socket", None)
+            if skt is None:
+                return  # the port was closed (a late INVITE timer at shutdown)
+            ancillary = source_address_cmsg(local, transport.addressFamily) if local else ()
+            if ancillary:
+                try:
+                    skt.sendmsg([data], ancillary, 0, to)
+                    return
+                except OSError as e:
+                    if e.errno in _DROP_ERRNOS:
+                        return
+                    # e.g. EINVAL for an address no longer ours: let the kernel choose
         try:
-            self.transport.write(data, to)
-        except OSError:
+            transport.write(data, to)
+        except (OSError, ValueError):
             pass
 
 
