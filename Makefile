@@ -30,7 +30,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || $(MAKE) --no-print-directory python
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test,dht]' \
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test,dht,manhole]' \
 		--config-settings editable_mode=compat
 	touch $@
 

@@ -103,11 +103,45 @@ def _network_id(value: int) -> int:
     return value
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.ASCII)
+
+
 def _http_url(value: str) -> str:
-    """Accept an ``http://`` or ``https://`` URL with a host."""
-    parts = urllib.parse.urlsplit(value)
+    """Accept an ``http://`` or ``https://`` URL with a valid host and port (1-65535) and no
+    white space or control character: what the HTTP client would otherwise refuse or mangle only
+    at the first event, long after start."""
+    bad = next((c for c in value if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"{value!r} is not a valid URL: it contains {bad!r}")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a valid URL: {e}") from None
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"{value!r} is not a valid URL: it has no host")
+    host_port = parts.netloc.rpartition("@")[2]
+    if host_port.startswith("["):
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise ValueError(f"{value!r} is not a valid URL: bad IPv6 address {host!r}") from None
+        port_text = host_port.partition("]")[2]
+    else:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_host = ""
+        if not _HOST_NAME.fullmatch(ascii_host):
+            raise ValueError(f"{value!r} is not a valid URL: bad host name {host!r}")
+        port_text = host_port.partition(":")[1] + host_port.partition(":")[2]
+    if port_text not in ("", ":") and not (port_text[1:].isdigit() and port_text[1:].isascii()):
+        raise ValueError(f"{value!r} is not a valid URL: bad port {port_text[1:]!r}")
+    if port == 0:
+        raise ValueError(f"{value!r} is not a valid URL: port 0")
     return value
 
 
@@ -585,8 +619,7 @@ def from_options(options: Mapping, environ: Mapping[str, str], home: str | None 
 #: Features a user may ask for that this version does not provide yet: (Config field, how the
 #: user asks for it).  Remove a row when its feature lands.
 UNAVAILABLE_FEATURES: tuple[tuple[str, str], ...] = (
-    ("sip_responsive", "-r/--sip-responsive (SIP replies)"),
-    ("manhole", "--manhole (SSH manhole)"),
+    ("blocklist_exclude", "--blocklist-exclude (blocklist exports)"),
 )
 
 

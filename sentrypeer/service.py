@@ -76,6 +76,8 @@ class SentryPeerService(MultiService):
         self.ports: list = []
         self.api_service = None
         self.dht_service = None
+        self.responder = None
+        self.manhole_service = None
         self._prepared = False
 
     # -- start --------------------------------------------------------------------------------
@@ -163,12 +165,50 @@ class SentryPeerService(MultiService):
             node_id=self.node_id,
             sink=self.pipeline.submit_collected,
             clock=self.reactor,
-            collected_method="passive",
+            collected_method="responsive" if config.sip_responsive else "passive",
             verbose=config.verbose or config.debug,
             max_connections=config.max_tcp_connections,
             idle_timeout=config.tcp_idle_timeout,
             stats=self.stats,
         )
+        if config.sip_responsive:
+            from sentrypeer.sip.persona import PersonaError
+            from sentrypeer.sip.responder import build_responder
+
+            try:
+                self.responder = build_responder(config, self.reactor)
+            except PersonaError as e:  # one line starting "--sip-persona: "
+                raise StartupError(str(e)) from None
+            self.responder.install(self.controller)  # responder, reply gate, collected_method
+            self.responder.setServiceParent(self)  # stopping it cancels pending INVITE timers
+            log.info(
+                "responsive mode: persona {persona}, {rate:g} replies/s per destination",
+                persona=self.responder.persona.name,
+                rate=config.reply_rate,
+            )
+        if config.manhole:
+            from sentrypeer.manhole import ManholeError, build_manhole_service
+
+            namespace = {
+                "root": self,
+                "sip": self.controller,
+                "stats": self.stats,
+                "database": self.database_service,
+                "pipeline": self.pipeline,
+                "dht": self.dht_service,
+                "responder": self.responder,
+            }
+            try:
+                self.manhole_service = build_manhole_service(
+                    config.manhole,
+                    config.manhole_keys,
+                    os.path.dirname(os.path.abspath(config.db_file)),
+                    namespace,
+                    self.reactor,
+                )
+            except ManholeError as e:
+                raise StartupError(str(e)) from None
+            self.manhole_service.setServiceParent(self)
         log.info(
             "SentryPeer {version} starting: node id {node_id}, database {db}",
             version=__version__,

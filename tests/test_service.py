@@ -82,13 +82,14 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(first.node_id, second.node_id)
 
     def test_unavailable_features_warned(self):
-        """A feature of a later version (--manhole) is one warning line, and start-up goes on."""
+        """A feature of a later version (--blocklist-exclude) is one warning line, and start-up
+        goes on."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        config = make_config(self.directory, sip_disable=True, manhole="tcp:2222:interface=127.0.0.1")
+        config = make_config(self.directory, sip_disable=True, blocklist_exclude="cidrs.txt")
         service = build_service(config, self.reactor)
         service.privilegedStartService()
         warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len([w for w in warnings if "--manhole" in w]), 1)
+        self.assertEqual(len([w for w in warnings if "--blocklist-exclude" in w]), 1)
 
     def test_api_listener(self):
         """-a serves the REST API on --api-listen (default tcp:8082 on 127.0.0.1)."""
