@@ -33,11 +33,13 @@ class SIPStats:
     responses: int = 0  #: SIP responses received (never recorded, never answered)
     keepalives: int = 0  #: CRLF / CRLFCRLF keep-alives and empty datagrams
     pongs: int = 0  #: CRLF pongs written to stream pings (RFC 5626 §3.5.1)
+    pongs_refused: int = 0  #: pings beyond the per-connection pong rate (no pong written)
     stray_bytes: int = 0  #: stream bytes discarded after a message that had a Content-Length
     connections: dict[str, int] = dataclasses.field(default_factory=_per_transport)
     connections_open: int = 0
     connections_rejected: int = 0  #: refused at --max-tcp-connections
     connections_idle: int = 0  #: closed by --tcp-idle-timeout
+    connections_slow: int = 0  #: closed because a message took longer than its deadline
     connections_silent: int = 0  #: TCP/TLS connections that closed without sending a byte
     tls_handshake_failures: int = 0
     internal_errors: int = 0  #: exceptions caught in the receive path (each logged once)

@@ -327,3 +327,66 @@ class StreamCorpusTests(SynchronousTestCase, CorpusMixin):
         feed(protocol, OPTIONS[:60])
         protocol.drain()
         self.assertEqual([e.parse_status for e in sink.events], ["truncated"])
+
+
+class StreamHardeningTests(SynchronousTestCase):
+    """Defences of the stream transports found by review (connection ids, pings, slowloris)."""
+
+    def test_new_connection_is_not_a_retransmission_of_a_closed_one(self):
+        """The same request on successive connections (opened and closed one after the other, so
+        the memory of one is reused by the next) is a new event each time: retransmissions are
+        matched per connection (interface.md §3)."""
+        controller, sink, _ = make_controller()
+        for _ in range(20):
+            protocol, _ = open_stream(controller)
+            feed(protocol, OPTIONS)
+            protocol.connectionLost(Failure(ConnectionDone()))
+            del protocol
+        self.assertEqual(len(sink.events), 20)
+        self.assertEqual(controller.stats.retransmissions, 0)
+
+    def test_ping_flood_pongs_are_rate_limited(self):
+        """A client that floods CRLFCRLF pings gets at most a burst of pongs, then one per
+        second; the rest are counted, so our write buffer cannot grow without bound."""
+        from sentrypeer.sip.protocol import PONG_BURST
+
+        controller, sink, clock = make_controller()
+        protocol, transport = open_stream(controller)
+        feed(protocol, b"\r\n\r\n" * 1000)
+        self.assertEqual(transport.value(), b"\r\n" * PONG_BURST)
+        self.assertEqual(controller.stats.pongs_refused, 1000 - PONG_BURST)
+        clock.advance(2)
+        feed(protocol, b"\r\n\r\n" * 10)
+        self.assertEqual(transport.value(), b"\r\n" * (PONG_BURST + 2))
+        self.assertEqual(sink.events, [])
+
+    def test_slowloris_message_deadline(self):
+        """A message dripped one byte every few seconds (each byte resets the idle timeout) is
+        recorded as truncated and the connection closed once the message deadline passes."""
+        from sentrypeer.sip.protocol import message_deadline
+
+        controller, sink, clock = make_controller(idle_timeout=30)
+        protocol, transport = open_stream(controller)
+        deadline = message_deadline(30)
+        elapsed = 0.0
+        for byte in OPTIONS[:40]:
+            if transport.disconnecting:
+                break
+            protocol.dataReceived(bytes([byte]))
+            clock.advance(4)
+            elapsed += 4
+        self.assertLessEqual(elapsed, deadline + 4)
+        self.assertEqual([e.parse_status for e in sink.events], ["truncated"])
+        self.assertEqual(controller.stats.connections_slow, 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_deadline_cleared_between_messages(self):
+        """Complete messages stop the deadline: a connection sending a whole request every 20 s
+        for several minutes stays open and every request is an event."""
+        controller, sink, clock = make_controller(idle_timeout=30)
+        protocol, transport = open_stream(controller)
+        for i in range(15):
+            feed(protocol, OPTIONS.replace(b"Call-ID: c1", b"Call-ID: d%d" % i))
+            clock.advance(20)
+        self.assertEqual(len(sink.events), 15)
+        self.assertFalse(transport.disconnecting)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import itertools
 import socket
 import struct
 
@@ -38,6 +39,17 @@ MAX_DATAGRAM = 65535
 UDP_RECEIVE_BUFFER = 8 * 1024 * 1024
 #: Seconds of silence after which a stream message sent without Content-Length is complete.
 BODY_QUIET_SECONDS = 1.0
+#: Keep-alive pongs per connection: a burst of this many, then PONG_RATE per second.
+PONG_BURST = 5
+PONG_RATE = 1.0
+
+_connection_ids = itertools.count(1)
+
+
+def message_deadline(idle_timeout: float) -> float:
+    """Seconds a stream message may take from its first byte to its last: twice the idle timeout,
+    at least 10 s (60 s with the default ``--tcp-idle-timeout`` of 30 s)."""
+    return max(10.0, 2 * idle_timeout)
 
 # Linux values; Python 3.11's socket module lacks IP_PKTINFO.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -145,6 +157,8 @@ class SIPDatagramProtocol(DatagramProtocol):
     Empty datagrams and keep-alives (only CR/LF) are counted, never recorded (interface.md §3).
     """
 
+    noisy = False  # no "Starting protocol" log lines
+
     def __init__(self, controller) -> None:
         self.controller = controller
 
@@ -217,9 +231,15 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
         self.transport_type = factory.transport_type
         self.framer = framing.StreamFramer()
         self.bytes_received = 0
+        #: Unique for the life of the process: ``id(self)`` would be reused by a later connection
+        #: and make its first request look like a retransmission of this one's.
+        self.connection_id = next(_connection_ids)
         self._quiet_call = None
+        self._deadline_call = None
         self._finished = False
         self.callLater = self.controller.clock.callLater
+        self._pong_tokens = float(PONG_BURST)
+        self._pong_time = self.controller.clock.seconds()
 
     def connectionMade(self) -> None:
         peer, host = self.transport.getPeer(), self.transport.getHost()
@@ -238,6 +258,44 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
         self.resetTimeout()
         self._handle(self.framer.feed(data))
         self._schedule_quiet_flush()
+        self._track_deadline()
+
+    def _may_pong(self) -> bool:
+        """Token bucket for pongs: :data:`PONG_BURST` at once, then :data:`PONG_RATE` per second.
+
+        A client that floods pings and never reads would otherwise grow our write buffer without
+        bound (each ping queues a pong)."""
+        now = self.controller.clock.seconds()
+        self._pong_tokens = min(PONG_BURST, self._pong_tokens + (now - self._pong_time) * PONG_RATE)
+        self._pong_time = now
+        if self._pong_tokens >= 1:
+            self._pong_tokens -= 1
+            return True
+        return False
+
+    def _track_deadline(self) -> None:
+        """Start the message deadline when a partial message begins, stop it when none is pending.
+
+        The idle timeout restarts with every byte, so a client dripping one byte every few seconds
+        (slowloris) would hold the connection for ever; a message must be complete within
+        :func:`message_deadline` seconds of its first byte."""
+        pending = self.framer.pending and not self._finished
+        active = self._deadline_call is not None and self._deadline_call.active()
+        if pending and not active:
+            self._deadline_call = self.callLater(
+                message_deadline(self.controller.idle_timeout), self._deadline_passed
+            )
+        elif not pending and active:
+            self._deadline_call.cancel()
+            self._deadline_call = None
+
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        if self._finished:
+            return
+        self.controller.stats.connections_slow += 1
+        self.drain()
+        self.transport.abortConnection()
 
     def _schedule_quiet_flush(self) -> None:
         if self._quiet_call is not None and self._quiet_call.active():
@@ -250,6 +308,7 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
         self._quiet_call = None
         if not self._finished:
             self._handle(self.framer.flush())
+            self._track_deadline()
 
     def _handle(self, frames: list[framing.Frame]) -> None:
         stats = self.controller.stats
@@ -257,8 +316,11 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
             try:
                 if frame.kind == framing.PING:
                     stats.keepalives += 1
-                    stats.pongs += 1
-                    self.transport.write(b"\r\n")
+                    if self._may_pong():
+                        stats.pongs += 1
+                        self.transport.write(b"\r\n")
+                    else:
+                        stats.pongs_refused += 1
                 elif frame.kind == framing.STRAY:
                     stats.stray_bytes += len(frame.data)
                 elif frame.kind == framing.RESPONSE:
@@ -273,7 +335,7 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
                         self.transport_type,
                         self.source,
                         self.destination,
-                        connection_id=id(self),
+                        connection_id=self.connection_id,
                         status=status,
                         reply=self._reply,
                     )
@@ -293,6 +355,9 @@ class SIPStreamProtocol(Protocol, TimeoutMixin):
     def _finish(self) -> None:
         self._finished = True
         self.setTimeout(None)
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
         if self._quiet_call is not None and self._quiet_call.active():
             self._quiet_call.cancel()
         self._quiet_call = None
@@ -332,6 +397,8 @@ class _RejectingProtocol(Protocol):
 class SIPStreamFactory(ServerFactory):
     """Builds :class:`SIPStreamProtocol` for one stream transport (``TCP`` or ``TLS``); the limit
     of open connections is shared through the controller."""
+
+    noisy = False  # no "Starting factory" log lines
 
     def __init__(self, controller, transport_type: str) -> None:
         self.controller = controller
