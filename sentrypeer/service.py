@@ -171,6 +171,15 @@ class SentryPeerService(MultiService):
             idle_timeout=config.tcp_idle_timeout,
             stats=self.stats,
         )
+        if not config.sip_responsive:
+            from sentrypeer.config import SETTINGS_BY_NAME
+
+            for name in ("sip_persona", "reply_rate"):
+                if getattr(config, name) != SETTINGS_BY_NAME[name].default:
+                    log.warn(
+                        "--{option} has no effect without -r/--sip-responsive",
+                        option=SETTINGS_BY_NAME[name].option,
+                    )
         if config.sip_responsive:
             from sentrypeer.sip.persona import PersonaError
             from sentrypeer.sip.responder import build_responder

@@ -91,6 +91,14 @@ class WiringTests(SynchronousTestCase):
         warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
         self.assertEqual(len([w for w in warnings if "--blocklist-exclude" in w]), 1)
 
+    def test_responsive_settings_without_r_warned(self):
+        """--sip-persona or --reply-rate without -r have no effect: one warning each."""
+        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        config = make_config(self.directory, sip_disable=True, sip_persona="kamailio", reply_rate=3.0)
+        build_service(config, self.reactor).privilegedStartService()
+        warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len([w for w in warnings if "no effect without -r" in w]), 2)
+
     def test_api_listener(self):
         """-a serves the REST API on --api-listen (default tcp:8082 on 127.0.0.1)."""
         service = build_service(make_config(self.directory, sip_disable=True, api=True), self.reactor)
