@@ -99,10 +99,10 @@ def corpus_requests():
 class CorpusReplyTests(SynchronousTestCase):
     def test_reply_for_every_corpus_request_parses_back(self):
         """For every corpus request and every shipped persona, each reply decide() asks for is a
-        response our parser reads back: the status, every Via in order (the top one with
-        received/rport), From, Call-ID and CSeq equal to the request's, To with the request's URI
-        and a tag (except on 100), Content-Length 0, CRLFCRLF at the end, within the size cap,
-        and no mention of SentryPeer."""
+        response our parser reads back: the status, every non-empty Via in order (the top one
+        with received/rport; no Via line without a sent-by), From, Call-ID and CSeq equal to the
+        request's, To with the request's URI and a tag (except on 100), Content-Length 0,
+        CRLFCRLF at the end, within the size cap, and no mention of SentryPeer."""
         checked = 0
         for name in SHIPPED:
             persona = shipped_persona(name)
@@ -132,8 +132,11 @@ class CorpusReplyTests(SynchronousTestCase):
                     if message.parse_status == "ok":
                         self.assertEqual(reply.parse_status, "ok", (label, reply.problems))
                     self.assertEqual(reply.content_length, 0, label)
-                    self.assertEqual(len(reply.vias), len(message.vias), label)
-                    self.assertEqual(reply.vias[1:], message.vias[1:], label)
+                    vias = responses.mirrored_vias(message)
+                    self.assertEqual(len(reply.vias), len(vias), label)
+                    self.assertEqual(list(reply.vias[1:]), vias[1:], label)
+                    for via in reply.vias:
+                        self.assertTrue(via.split(";")[0].strip(), (label, via))
                     self.assertTrue(reply.vias[0].startswith(message.vias[0].split(";")[0]), label)
                     self.assertIn("received=203.0.113.7", reply.vias[0], label)
                     self.assertEqual(reply.top_via_branch, message.top_via_branch, label)
@@ -373,12 +376,12 @@ class ViaTests(SynchronousTestCase):
             self.assertEqual(names, list(persona.header_order), name)
 
     def test_stray_cr_and_size_cap(self):
-        """A CR inside a mirrored value becomes a space; a reply over MAX_REPLY_BYTES is not
-        built."""
+        """A bare CR inside a mirrored value is neither copied nor altered: no reply at all; a
+        reply over MAX_REPLY_BYTES is not built."""
         message = parse_message(request(extra=b"X: y\r\n").replace(b"From: <sip:a",
                                                                   b"From: \"a\rb\" <sip:a"))
-        data = build_response(message, 200, FREEPBX, context())
-        self.assertIn(b'From: "a b" <sip:a', data)
+        self.assertEqual(decide(message, FREEPBX).kind, responses.NOTHING)
+        self.assertIsNone(build_response(message, 200, FREEPBX, context()))
         big = request().replace(b"Via: ", b"Via: SIP/2.0/UDP h;branch=x%s\r\nVia: " % (b"y" * 9000))
         self.assertIsNone(build_response(parse_message(big), 200, FREEPBX, context()))
 
@@ -394,6 +397,142 @@ class ViaTests(SynchronousTestCase):
         for host in ("203.0.113.7", "127.0.0.1", "::1", "2001:db8::1", "::ffff:203.0.113.7",
                      "fe80::1%eth0"):
             self.assertTrue(can_reply_to(host, 5060), host)
+
+
+def with_header(data: bytes, name: bytes, line: bytes) -> bytes:
+    """*data* with its header line starting ``name:`` replaced by *line* (no line end)."""
+    lines = data.split(b"\r\n")
+    index = next(i for i, text in enumerate(lines) if text.startswith(name + b":"))
+    lines[index] = line
+    return b"\r\n".join(lines)
+
+
+class MirrorTests(SynchronousTestCase):
+    """What a reply copies from the request must be copied exactly, or no reply is sent."""
+
+    def replies(self, data: bytes, persona=None) -> list[bytes]:
+        """Every reply the responder sends to the single packet *data* within a minute (through
+        the controller, so the responder sees the exact bytes); the request is recorded."""
+        _, _, protocol, sink, clock = make_responder(persona or FREEPBX)
+        send(protocol, data)
+        clock.pump([1] * 60)
+        self.assertEqual(len(sink.events), 1)
+        return [reply for reply, _ in protocol.transport.written]
+
+    @staticmethod
+    def vias(reply: bytes) -> list[bytes]:
+        return [line for line in reply.split(b"\r\n") if line.lower().startswith(b"via:")]
+
+    def test_badinv01_400_without_empty_via(self):
+        """RFC 4475 badinv01 (``Via: SIP/2.0/UDP 192.0.2.15;;,;,,``) gets a 400 whose only Via
+        is the real one with received added: no ``Via: ;`` line, no empty parameters."""
+        (reply,) = self.replies(corpus_bytes("rfc4475/badinv01.dat"))
+        self.assertEqual(status_of(reply), 400)
+        self.assertEqual(self.vias(reply), [b"Via: SIP/2.0/UDP 192.0.2.15;received=203.0.113.7"])
+        self.assertEqual(parse_message(reply).vias, ("SIP/2.0/UDP 192.0.2.15;received=203.0.113.7",))
+
+    def test_empty_via_values_skipped_or_nothing(self):
+        """Empty comma-separated Via values and values without a sent-by are skipped anywhere in
+        the list; when no Via remains, nothing is sent."""
+        data = with_header(request(), b"Via",
+                           b"Via: ;, SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1,,;branch=x")
+        data = data.replace(b"Call-ID:", b"Via: , ;rport ,SIP/2.0/TCP 10.0.0.1;branch=z9hG4bK-2\r\n"
+                            b"Call-ID:")
+        (reply,) = self.replies(data)
+        self.assertEqual(self.vias(reply), [b"Via: SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1",
+                                            b"Via: SIP/2.0/TCP 10.0.0.1;branch=z9hG4bK-2"])
+        for only in (b"Via: ;", b"Via: ;;,;,,", b"Via: ;branch=z9hG4bK-1;rport"):
+            data = with_header(request(), b"Via", only)
+            self.assertEqual(self.replies(data), [], only)
+            self.assertEqual(decide(parse_message(data), FREEPBX).kind, responses.NOTHING, only)
+
+    def test_control_characters_in_copied_values_no_reply(self):
+        """A raw NUL (or bare CR, ESC, DEL...) in a value a reply must copy (Via, From, To,
+        Call-ID, CSeq) is never written back, altered or not: nothing is sent, whatever the
+        method, and the request is still recorded."""
+        for method in ("OPTIONS", "REGISTER", "INVITE"):
+            base = request(method)
+            cases = [
+                with_header(base, b"Call-ID", b"Call-ID: abc\x00def"),
+                with_header(base, b"From", b"From: \"a\x00b\" <sip:a@example.org>;tag=f1"),
+                with_header(base, b"To", b"To: <sip:100@198.51.100.2>\x1b[2J"),
+                with_header(base, b"CSeq", b"CSeq: 1 %s\x7f" % method.encode()),
+                with_header(base, b"Via",
+                            b"Via: SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1\r;rport"),
+                with_header(base, b"Via", b"Via: SIP/2.0/UDP 203.0.113.7:5071;branch=z9\x00;rport"),
+                with_header(base, b"Via",
+                            b"Via: SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1;rp\rort"),
+            ]
+            for data in cases:
+                self.assertEqual(self.replies(data), [], data)
+                self.assertIsNone(build_response(parse_message(data), 401, FREEPBX, context()))
+
+    def test_bytes_not_utf8_in_copied_values_no_reply(self):
+        """Bytes that are not UTF-8 in a copied value (the parser's readable text shows them as
+        \\xNN) cannot be copied back: nothing is sent. Four characters ``\\xNN`` really sent in a
+        request whose header block is UTF-8 are copied exactly; printable non-ASCII UTF-8 too."""
+        base = request()
+        for data in (with_header(base, b"From", b"From: \"Jos\xe9\" <sip:a@example.org>;tag=f1"),
+                     with_header(base, b"Call-ID", b"Call-ID: \xff\xfe@host"),
+                     with_header(base, b"Via", b"Via: SIP/2.0/UDP 203.0.113.7;branch=\xc3;rport")):
+            self.assertEqual(self.replies(data), [], data)
+            # without the exact bytes the same text is taken as not copyable either
+            self.assertEqual(decide(parse_message(data), FREEPBX).kind, responses.NOTHING)
+        literal = with_header(base, b"From",
+                              b"From: \"a\\x41 \xc3\xa9 \xe2\x80\xa8\" <sip:a@x>;tag=f1")
+        (reply,) = self.replies(literal)
+        self.assertEqual(status_of(reply), 200)
+        self.assertIn(b"\r\nFrom: \"a\\x41 \xc3\xa9 \xe2\x80\xa8\" <sip:a@x>;tag=f1\r\n", reply)
+        # a body that is not UTF-8 does not matter
+        (reply,) = self.replies(literal.replace(b"Content-Length: 0\r\n\r\n",
+                                                b"Content-Length: 2\r\n\r\n\xff\xfe"))
+        self.assertEqual(status_of(reply), 200)
+
+    def test_malformed_but_copyable_gets_400(self):
+        """A malformed request whose copied values are clean still gets 400 (RFC 3261 §21.4.1),
+        even with control characters or non-UTF-8 bytes in headers a reply does not copy."""
+        (reply,) = self.replies(request(extra=b"User-Agent: evil\x00\xff\r\n"
+                                              b"Max-Forwards: banana\r\n"))
+        self.assertEqual(status_of(reply), 400)
+        self.assertNotIn(b"\x00", reply)
+
+    def test_unreadable_top_via_parameters_no_reply(self):
+        """A top Via whose parameters cannot be read (a quoted string that never closes hides
+        whether rport was asked for, RFC 3581 §4) gets no reply; folded Via lines are unfolded
+        and still get rport and received right."""
+        data = with_header(request(), b"Via",
+                           b'Via: SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1;x="a;rport')
+        self.assertEqual(self.replies(data), [])
+        self.assertIsNone(rewrite_top_via('SIP/2.0/UDP h;x="a;rport', SOURCE))
+        folded = with_header(request(), b"Via",
+                             b"Via: SIP/2.0/UDP\r\n 203.0.113.7:5071;branch=z9hG4bK-1\r\n\t ;rport")
+        (reply,) = self.replies(folded)
+        self.assertEqual(parse_message(reply).vias[0],
+                         "SIP/2.0/UDP 203.0.113.7:5071;branch=z9hG4bK-1 ;rport=5071;"
+                         "received=203.0.113.7")
+
+    def test_optional_copies_left_out_not_altered(self):
+        """A Timestamp (copied into a 100) or Record-Route (into a 183) holding a control
+        character is left out, not written back; clean ones are copied."""
+        persona = persona_with(invite_response="183-487", invite_delay=1, ringing_seconds=1)
+        dirty = request("INVITE", extra=b"Timestamp: 54\x00\r\nRecord-Route: <sip:p\x01>\r\n")
+        trying, early, final = self.replies(dirty, persona)
+        self.assertEqual([status_of(trying), status_of(early), status_of(final)], [100, 183, 487])
+        self.assertNotIn(b"Timestamp", trying)
+        self.assertNotIn(b"Record-Route", early)
+        clean = request("INVITE", extra=b"Timestamp: 54\r\nRecord-Route: <sip:p;lr>\r\n")
+        trying, early, _ = self.replies(clean, persona)
+        self.assertEqual(parse_message(trying).header("timestamp"), "54")
+        self.assertEqual(parse_message(early).header("record-route"), "<sip:p;lr>")
+
+    def test_too_many_vias_no_reply(self):
+        """When the parser had to leave Via values out (more than MAX_VIAS), a reply could not
+        copy them all: nothing is sent."""
+        extra = b"Via: " + b",".join(b"SIP/2.0/UDP h%d" % i for i in range(300)) + b"\r\n"
+        data = request().replace(b"From:", extra + b"From:")
+        self.assertGreater(len(parse_message(data).vias), 255)
+        self.assertEqual(self.replies(data), [])
+        self.assertIsNone(build_response(parse_message(data), 400, FREEPBX, context()))
 
 
 def persona_with(**changes):
@@ -473,6 +612,57 @@ class PersonaTests(SynchronousTestCase):
             self.assertIn(fragment, message, value)
             self.assertNotIn("\n", message)
             self.assertTrue(message.startswith("--sip-persona: "), message)
+
+    def bad_file(self, text: str) -> str:
+        path = self.mktemp() + ".toml"
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def assertRefused(self, text: str, fragment: str) -> None:
+        """*text* as a persona file is refused with a one-line error containing *fragment*."""
+        path = self.bad_file(text)
+        with self.assertRaises(PersonaError, msg=text) as caught:
+            resolve_persona(path)
+        message = str(caught.exception)
+        self.assertIn(fragment, message, text)
+        self.assertNotIn("\n", message)
+        self.assertNotIn("\r", message)
+        self.assertTrue(message.startswith("--sip-persona: "), message)
+
+    def test_empty_allow_refused(self):
+        """allow = [] is refused with a one-line error: an empty Allow would answer every known
+        method 405 and list nothing to OPTIONS."""
+        self.assertRefused('base = "freepbx"\nallow = []\n', "allow must not be empty")
+        # other lists may be empty
+        persona = resolve_persona(self.bad_file('base = "freepbx"\nsupported = []\naccept = []\n'))
+        self.assertEqual((persona.supported, persona.accept), ((), ()))
+
+    def test_non_printable_header_text_refused(self):
+        """Any character str.isprintable() rejects (U+2028, U+2029, U+0085, NBSP, zero-width
+        space, BOM, TAB, DEL, ESC...) is refused in agent and every other header value."""
+        for char in ("\u2028", "\u2029", "\u0085", "\u00a0", "\u200b", "\ufeff", "\t",
+                     "\u007f", "\u001b", "\u3000"):
+            escaped = "\\u%04x" % ord(char)
+            for key in ("agent", "realm", "accept_language", "accept_encoding", "name"):
+                self.assertRefused(f'base = "freepbx"\n{key} = "a{escaped}b"\n',
+                                   "non-printable or control character")
+            self.assertRefused(f'base = "freepbx"\nsupported = ["a{escaped}b"]\n',
+                               "non-printable or control character")
+        persona = resolve_persona(self.bad_file('base = "freepbx"\nagent = "Café PBX 1.0"\n'))
+        self.assertEqual(persona.agent, "Café PBX 1.0")
+
+    def test_honeypot_name_variants_refused(self):
+        """"sentry", optional spaces, hyphens, underscores or dots, then "peer", in any case (and
+        in fullwidth letters) is refused; other words with "sentry" or "peer" are fine."""
+        for value in ("Sentry Peer 4", "sentry-peer", "SENTRYPEER", "Sentry_Peer", "sentry.peer",
+                      "x SeNtRy - . _PeEr y", "ＳｅｎｔｒｙＰｅｅｒ"):
+            self.assertRefused(f'base = "freepbx"\nagent = "{value}"\n',
+                               "must not name the honeypot")
+        self.assertRefused('base = "freepbx"\nrealm = "Sentry Peer"\n',
+                           "must not name the honeypot")
+        persona = resolve_persona(self.bad_file('base = "freepbx"\nagent = "Sentry PBX peer 2"\n'))
+        self.assertEqual(persona.agent, "Sentry PBX peer 2")
 
     def test_large_file_refused(self):
         """A persona file over 64 KiB is refused before parsing."""
@@ -587,13 +777,115 @@ class ResponderTests(SynchronousTestCase):
         self.assertEqual([e.sip_method for e in sink.events], ["INVITE", "CANCEL"])
 
     def test_cancel_without_invite_481(self):
-        """A CANCEL matching no pending INVITE (other branch, or after the final) gets 481."""
+        """A CANCEL matching no INVITE transaction (none at all, or another branch, Call-ID or
+        CSeq number) gets 481."""
         _, _, protocol, _, clock = make_responder()
         send(protocol, request("CANCEL"))
         send(protocol, request("INVITE", call_id=b"c9"))
         clock.advance(1)
-        send(protocol, request("CANCEL", call_id=b"c9"))
-        self.assertEqual([s for s, _ in sent(protocol)], [481, 100, 401, 481])
+        send(protocol, request("CANCEL", call_id=b"c9", branch=b"z9hG4bK-other"))
+        send(protocol, request("CANCEL", call_id=b"c8"))
+        send(protocol, request("CANCEL", call_id=b"c9", cseq=2))
+        self.assertEqual([s for s, _ in sent(protocol)], [481, 100, 401, 481, 481, 481])
+
+    def test_cancel_after_final_response_200_without_487(self):
+        """A CANCEL for an INVITE whose final response was already sent matches the INVITE server
+        transaction, which lives 32 s (64*T1) after that response (RFC 3261 §9.2, §17.2.1): it gets
+        200 and no 487 follows; after those 32 s it gets 481."""
+        responder, _, protocol, sink, clock = make_responder()
+        send(protocol, request("INVITE", call_id=b"late"))
+        clock.advance(1)
+        self.assertEqual([s for s, _ in sent(protocol)], [100, 401])
+        send(protocol, request("CANCEL", call_id=b"late"))
+        self.assertEqual([s for s, _ in sent(protocol)], [100, 401, 200])
+        ok = parse_message(protocol.transport.written[2][0])
+        self.assertEqual(ok.cseq_method, "CANCEL")
+        final = parse_message(protocol.transport.written[1][0])
+        self.assertEqual(header_param(ok.header("to"), "tag"),
+                         header_param(final.header("to"), "tag"))
+        clock.advance(60)
+        self.assertEqual(len(protocol.transport.written), 3)
+        self.assertEqual((responder.stats.cancelled, responder.stats.cancelled_late), (0, 1))
+        # the same INVITE transaction 32 s after its final response is gone
+        send(protocol, request("INVITE", call_id=b"gone"))
+        clock.advance(1)
+        clock.advance(31.9)
+        self.assertEqual(responder.completed, 1)
+        clock.advance(0.2)
+        send(protocol, request("CANCEL", call_id=b"gone"))
+        self.assertEqual([s for s, _ in sent(protocol)][-1], 481)
+        self.assertEqual(len(sink.events), 4)
+
+    def test_cancel_after_immediate_final_response_200(self):
+        """An INVITE answered at once with a final response (420 for an unsupported Require, 481
+        for an unknown dialog) also leaves a transaction a CANCEL matches: 200."""
+        _, _, protocol, _, _ = make_responder()
+        send(protocol, request("INVITE", call_id=b"r", extra=b"Require: foo\r\n"))
+        send(protocol, request("CANCEL", call_id=b"r"))
+        send(protocol, request("INVITE", call_id=b"d", to="<sip:100@x>;tag=t"))
+        send(protocol, request("CANCEL", call_id=b"d", to="<sip:100@x>;tag=t"))
+        self.assertEqual([s for s, _ in sent(protocol)], [420, 200, 481, 200])
+
+    def test_answered_invites_table_bounded(self):
+        """At most max_completed answered INVITE transactions are remembered (oldest forgotten
+        first): a CANCEL for a forgotten one gets 481, for a remembered one 200."""
+        responder, _, protocol, _, clock = make_responder(max_completed=2)
+        for i in range(3):
+            send(protocol, request("INVITE", call_id=b"m%d" % i))
+            clock.advance(1)
+        self.assertEqual(responder.completed, 2)
+        send(protocol, request("CANCEL", call_id=b"m0"))
+        send(protocol, request("CANCEL", call_id=b"m2"))
+        self.assertEqual([s for s, _ in sent(protocol)][-2:], [481, 200])
+        clock.advance(40)
+        self.assertEqual(responder.completed, 0)
+
+    def test_rate_limit_checked_before_building(self):
+        """A request over its destination's budget costs no reply building: no To tag HMAC, no
+        nonce entropy, no serialisation. Within budget, the first reply takes exactly one token
+        (not one to decide and one to send); retransmissions get the stored reply through the
+        same limiter."""
+        calls = {"build": 0, "tag": 0, "entropy": 0}
+
+        def counting(name, function):
+            def wrapper(*args, **kwargs):
+                calls[name] += 1
+                return function(*args, **kwargs)
+            return wrapper
+
+        self.patch(responses, "build_response", counting("build", responses.build_response))
+        self.patch(responses, "make_to_tag", counting("tag", responses.make_to_tag))
+        entropy = counting("entropy", os.urandom)
+        responder, controller, protocol, sink, clock = make_responder(rate=1, entropy=entropy)
+        first = request("REGISTER", call_id=b"r0")
+        send(protocol, first)
+        for i in range(1, 100):
+            send(protocol, request("REGISTER", call_id=b"r%d" % i))
+        self.assertEqual(calls, {"build": 2, "tag": 2, "entropy": 2})
+        self.assertEqual([s for s, _ in sent(protocol)], [401, 401])
+        self.assertEqual((responder.stats.sent, responder.stats.limited), (2, 98))
+        self.assertEqual(len(sink.events), 100)
+        send(protocol, first)  # retransmission, no token left
+        self.assertEqual(len(protocol.transport.written), 2)
+        clock.advance(1)
+        send(protocol, first)  # one token again: the stored reply, not a new one
+        self.assertEqual(len(protocol.transport.written), 3)
+        self.assertEqual(protocol.transport.written[2], protocol.transport.written[0])
+        self.assertEqual(calls["build"], 2)
+        self.assertEqual(controller.stats.retransmissions, 2)
+        self.assertEqual(responder.stats.limited, 99)
+
+    def test_forbidden_destination_costs_no_building(self):
+        """A request from a forbidden source (broadcast, multicast, port 0) is refused before any
+        reply is built."""
+        calls = []
+        self.patch(responses, "build_response", lambda *a, **k: calls.append(a))
+        responder, _, protocol, sink, _ = make_responder()
+        send(protocol, request(), ("255.255.255.255", 5060))
+        send(protocol, request(call_id=b"m"), ("224.0.0.1", 5060))
+        self.assertEqual(calls, [])
+        self.assertEqual(responder.stats.refused, 2)
+        self.assertEqual(len(sink.events), 2)
 
     def test_retransmission_gets_same_reply_not_recorded(self):
         """A retransmitted REGISTER gets byte-for-byte the same 401 (same nonce) again and is
@@ -781,6 +1073,43 @@ class RateLimiterTests(SynchronousTestCase):
     def test_rejects_non_positive_rate(self):
         """A rate of zero or less is a programming error."""
         self.assertRaises(ValueError, ReplyRateLimiter, 0, task.Clock())
+
+    def test_low_rate_holds_at_least_one_token(self):
+        """Below 0.5 replies/s the bucket still holds one token (twice the rate would be less than
+        one reply, and nothing would ever be sent): a rate of 0.4 allows one reply at once, then
+        one every 2.5 s; from 0.5 up the burst stays twice the rate."""
+        clock = task.Clock()
+        limiter = ReplyRateLimiter(0.4, clock)
+        self.assertEqual(limiter.burst, 1.0)
+        self.assertEqual(sum(limiter.allow("192.0.2.1") for _ in range(10)), 1)
+        clock.advance(2.4)
+        self.assertFalse(limiter.allow("192.0.2.1"))
+        clock.advance(0.1)
+        self.assertTrue(limiter.allow("192.0.2.1"))
+        self.assertFalse(limiter.allow("192.0.2.1"))
+        clock.advance(25)
+        self.assertEqual(sum(limiter.allow("192.0.2.1") for _ in range(10)), 1)
+        for rate in (0.01, 0.1, 0.49):
+            limiter = ReplyRateLimiter(rate, task.Clock())
+            self.assertEqual(limiter.burst, 1.0, rate)
+            self.assertTrue(limiter.allow("192.0.2.1"), rate)
+        self.assertEqual(ReplyRateLimiter(0.5, clock).burst, 1.0)
+        self.assertEqual(ReplyRateLimiter(0.75, clock).burst, 1.5)
+        self.assertEqual(ReplyRateLimiter(3, clock).burst, 6.0)
+        self.assertEqual(ReplyRateLimiter(1, clock, burst=0.2).burst, 1.0)
+
+    def test_low_reply_rate_still_answers(self):
+        """--reply-rate 0.4 through the responder: the first OPTIONS is answered, the next ones
+        within 2.5 s are not, the one after 2.5 s is."""
+        responder, _, protocol, sink, clock = make_responder(rate=0.4)
+        for i in range(5):
+            send(protocol, request(call_id=b"low%d" % i))
+        self.assertEqual([s for s, _ in sent(protocol)], [200])
+        clock.advance(2.5)
+        send(protocol, request(call_id=b"late"))
+        self.assertEqual([s for s, _ in sent(protocol)], [200, 200])
+        self.assertEqual((responder.stats.sent, responder.stats.limited), (2, 4))
+        self.assertEqual(len(sink.events), 6)
 
 
 class SendmsgTests(SynchronousTestCase):

@@ -7,7 +7,10 @@ realm and the look of nonces and To tags (§22.4, §19.3), the extensions that "
 for one is challenged, for any other it is answered 404), and the final response to an INVITE.
 Answering like a known product, rather than with one fixed string, is what keeps scanners talking
 and what keeps the honeypot from being fingerprinted (reference §2.6, §14.8). No persona may
-mention SentryPeer.
+mention SentryPeer: any text matching "sentry", optional spaces, dots, hyphens or underscores, then
+"peer" (case-insensitively, after NFKC normalisation) is refused. Every text value must be printable
+(:meth:`str.isprintable`: no control, format, separator-other-than-space or unassigned character),
+so no header a reply carries can be broken or hide anything; ``allow`` must not be empty.
 
 Shipped personas (package data ``sentrypeer/sip/personas/<name>.toml``; the first is the default):
 
@@ -33,7 +36,7 @@ key                           meaning
 ``name``                      label for logs (default: the file name without ``.toml``)
 ``agent_header``              ``"Server"`` or ``"User-Agent"``
 ``agent``                     that header's value
-``allow``                     methods in ``Allow`` (anything known but missing is answered 405)
+``allow``                     methods in ``Allow``, at least one (anything known but missing: 405)
 ``supported``                 option tags in ``Supported`` (a ``Require`` of anything else: 420)
 ``accept``                    media types in ``Accept`` (OPTIONS answers)
 ``accept_encoding``           ``Accept-Encoding`` value, ``""`` for none
@@ -58,6 +61,7 @@ import importlib.resources
 import os
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 
 #: Shipped persona names, in order; the first one is the default.
@@ -81,7 +85,8 @@ _TOKEN = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+\Z")
 _MEDIA_TYPE = re.compile(r"[A-Za-z0-9.!%*_+`'~-]+/[A-Za-z0-9.!%*_+`'~-]+(\s*;\s*[^,\s;][^,;]*)*\Z")
 _RANGE = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?\Z")
 _USER = re.compile(r"[A-Za-z0-9._+~!*'()&=$-]{1,64}\Z")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: "SentryPeer" however spelt: Sentry Peer, sentry-peer, SENTRY_PEER, sentry.peer...
+_HONEYPOT_NAME = re.compile(r"sentry[ ._-]*peer", re.IGNORECASE)
 
 
 class PersonaError(ValueError):
@@ -161,16 +166,22 @@ def _text(where: str, key: str, value, *, empty: bool = False, limit: int = MAX_
         raise _fail(where, f"{key} must not be empty")
     if len(value) > limit:
         raise _fail(where, f"{key} is longer than {limit} characters")
-    if _CONTROL.search(value):
-        raise _fail(where, f"{key} contains a control character")
-    if "sentrypeer" in value.lower():
+    if not value.isprintable():
+        # Control characters (C0, DEL, C1 such as U+0085), line/paragraph separators (U+2028,
+        # U+2029), format characters and any space other than U+0020: none belongs in a header.
+        raise _fail(where, f"{key} contains a non-printable or control character")
+    if _HONEYPOT_NAME.search(unicodedata.normalize("NFKC", value)):
         raise _fail(where, f"{key} must not name the honeypot")
     return value
 
 
-def _list(where: str, key: str, value, pattern: re.Pattern, what: str) -> tuple[str, ...]:
+def _list(
+    where: str, key: str, value, pattern: re.Pattern, what: str, *, empty: bool = True
+) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise _fail(where, f"{key} must be a list of strings")
+    if not value and not empty:
+        raise _fail(where, f"{key} must not be empty")
     if len(value) > MAX_LIST:
         raise _fail(where, f"{key} has more than {MAX_LIST} entries")
     out = []
@@ -257,7 +268,8 @@ def persona_from_mapping(data: dict, where: str = "persona") -> Persona:
     if not isinstance(order, list) or sorted(order) != sorted(MIRRORED):
         raise _fail(where, "header_order must list via, from, to, call-id and cseq once each")
     ranges, names = _extensions(where, data["extensions"])
-    allow = _list(where, "allow", data["allow"], _TOKEN, "a method token")
+    # An empty Allow would make every known method 405 and OPTIONS list nothing (RFC 3261 §20.5).
+    allow = _list(where, "allow", data["allow"], _TOKEN, "a method token", empty=False)
     return Persona(
         name=_text(where, "name", data["name"], limit=64),
         agent_header=_choice(where, "agent_header", data["agent_header"], AGENT_HEADERS),

@@ -18,10 +18,13 @@ request                             reply
 =================================== ==============================================================
 any response, any ACK               nothing (§17.1.1.3: ACK has no response)
 missing Via/From/To/Call-ID/CSeq    nothing (no reply can be matched by the client, §8.1.1)
+one that cannot be copied exactly   nothing (see "Mirrored values" below)
 malformed                           400 Bad Request (§21.4.1); another SIP version: 505 (§21.5.6)
 unknown method                      501 Not Implemented (§8.2.1, §21.5.2)
 known method the persona lacks      405 Method Not Allowed with Allow (§8.2.1, §21.4.6)
-CANCEL                              200, then 487 for the pending INVITE; 481 without one (§9.2)
+CANCEL                              200, then 487 for the pending INVITE; 200 alone when the
+                                    INVITE was answered already (its transaction lives 32 s more,
+                                    §17.2.1); 481 when no INVITE transaction matches (§9.2)
 To tag (no such dialog)             481 Call/Transaction Does Not Exist (§12.2.2)
 Require of an unsupported option    420 Bad Extension with Unsupported (§8.2.2.3, §21.4.15)
 OPTIONS                             200 with Allow, Accept, Supported... (§11.2)
@@ -38,9 +41,34 @@ Digest challenges follow RFC 3261 §22.4 and RFC 2617 §3.2.1 (realm, a fresh no
 ``qop="auth"``). No 487 carries a ``Reason`` header: RFC 3326 §2 allows it only in responses whose
 status code says so. A reply larger than :data:`MAX_REPLY_BYTES` is never built.
 
-Header values are the parser's readable text (:func:`sentrypeer.events.readable`): UTF-8 is
-mirrored exactly, undecodable bytes come back as ``\\xNN`` text, and a stray CR inside a value
-becomes a space so a reply is always well formed.
+Mirrored values. RFC 3261 §8.2.6.2 wants the Via, From, Call-ID and CSeq of a response (and To,
+but for its tag) *equal* to the request's: that is how the client matches the response to its
+transaction (§17.1.3, §8.1.3.3). Header values reach this module as the parser's readable text
+(:func:`sentrypeer.events.readable`): valid UTF-8 round-trips exactly, but bytes that are not UTF-8
+come back as ``\\xNN`` text. So a request qualifies for a reply (:func:`replyable`) only when every
+value a reply must copy can be written back unchanged and safely:
+
+- no control character but HTAB (a NUL, a bare CR or LF, ESC, DEL...): §25.1 allows none of them
+  in those headers (outside a quoted-pair), so such a request is malformed and would earn a 400
+  (§21.4.1), but that 400 would have to carry them. Writing them back makes a reply that can break
+  or inject lines in the client's parser; replacing them makes a reply the client cannot match. So
+  nothing is sent (like a request without Via, which §8.1.1 makes unanswerable). Printable
+  non-ASCII UTF-8 (even U+0085 or U+2028, allowed by ``UTF8-NONASCII`` in quoted strings) is copied
+  byte for byte;
+- no text that stood for bytes that are not UTF-8: with the request's exact bytes at hand
+  (``raw``) a ``\\xNN`` is copied only when the header block was valid UTF-8 (so the request
+  really held those four characters); otherwise nothing is sent, for the same reason;
+- at least one non-empty Via value: empty comma-separated values (``Via: a;;,;,,`` gives ``a;;``
+  and ``;``) and values without a sent-protocol and sent-by are skipped, never mirrored as an
+  invalid ``Via: ;`` line; the first remaining one is the top Via;
+- a top Via whose parameters can be read (a quote that never closes hides whether ``rport`` was
+  asked for, RFC 3581 §4, so nothing is sent); folded lines arrive unfolded and are fine;
+- no Via or header past the parser's bounds (:data:`~sentrypeer.sip.message.MAX_VIAS`,
+  :data:`~sentrypeer.sip.message.MAX_HEADERS`), which would silently drop Via values.
+
+Optional copies (Record-Route on a 183, Timestamp on a 100, the option tags of Unsupported) that
+fail the same test are left out rather than altered. A request whose copied values pass but which
+is otherwise malformed still gets its 400.
 """
 
 from __future__ import annotations
@@ -56,7 +84,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from sentrypeer.events import PARSE_MALFORMED
-from sentrypeer.sip.message import SIPMessage
+from sentrypeer.sip.message import MAX_HEADERS, MAX_VIAS, SIPMessage
 from sentrypeer.sip.persona import Persona
 
 #: No reply is ever longer than this many bytes (a datagram that needs no fragmentation on most
@@ -109,6 +137,10 @@ _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _SENT_BY = re.compile(r"\s*SIP\s*/\s*[^/\s]+\s*/\s*\S+\s+(.*)\Z", re.DOTALL | re.IGNORECASE)
 _VERSION = re.compile(r"SIP/[0-9]+\.[0-9]+\Z", re.IGNORECASE)
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+#: Characters never written into a reply: the C0 controls but HTAB, and DEL.
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: What :func:`sentrypeer.events.readable` writes for a byte that is not UTF-8.
+_ESCAPED = re.compile(r"\\x[0-9a-f]{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +149,8 @@ class Decision:
 
     :ivar kind: :data:`NOTHING`, :data:`REPLY` (one response, *status*), :data:`INVITE` (100
         Trying now, then *early* if set, then *status*) or :data:`CANCEL` (*status* 200 to the
-        CANCEL and 487 to its INVITE, or 481 when there is no pending INVITE).
+        CANCEL and 487 to its INVITE if still pending, or 481 when no INVITE transaction
+        matches; the responder knows which).
     :ivar challenge: :data:`WWW_AUTHENTICATE` or :data:`PROXY_AUTHENTICATE` when *status* is a
         digest challenge.
     :ivar unsupported: option tags for the ``Unsupported`` header of a 420.
@@ -140,6 +173,7 @@ class ReplyContext:
     :ivar to_tag: the To tag of this dialog (:func:`make_to_tag`).
     :ivar now: seconds since the epoch (timestamped nonces).
     :ivar entropy: at least :data:`ENTROPY_BYTES` random bytes (nonce and opaque).
+    :ivar raw: the request's exact bytes when known (see :func:`copyable`).
     """
 
     source: tuple[str, int]
@@ -148,6 +182,7 @@ class ReplyContext:
     to_tag: str
     now: float = 0.0
     entropy: bytes = bytes(ENTROPY_BYTES)
+    raw: bytes | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -177,11 +212,72 @@ def can_reply_to(host: str, port: int) -> bool:
     return True
 
 
-def _clean(value: str) -> str:
-    """A header value safe to write on one line (a CR or LF inside it becomes a space)."""
-    if "\r" in value or "\n" in value:
-        return value.replace("\r", " ").replace("\n", " ")
-    return value
+def _header_block_is_utf8(raw: bytes) -> bool:
+    """Whether the start line and header fields of *raw* are valid UTF-8 (the body may not be)."""
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    try:
+        raw[: min(ends)].decode("utf-8") if ends else raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def copyable(value: str, raw: bytes | None = None) -> bool:
+    """Whether the received header value *value* (readable text) can be written into a reply
+    exactly as it was received (see "Mirrored values" in the module docstring).
+
+    :param raw: the request's exact bytes; without them a ``\\xNN`` in *value* is assumed to
+        stand for a byte that was not UTF-8.
+    """
+    if _UNSAFE.search(value):
+        return False
+    if "\\x" in value and _ESCAPED.search(value):
+        return raw is not None and _header_block_is_utf8(raw)
+    return True
+
+
+def _split_params(value: str) -> list[str] | None:
+    """Split a Via value on ``;`` outside quoted strings; ``None`` when a quote never closes."""
+    if '"' not in value:
+        return value.split(";")
+    pieces, start, quoted, escaped = [], 0, False, False
+    for i, c in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ";" and not quoted:
+            pieces.append(value[start:i])
+            start = i + 1
+    if quoted:
+        return None
+    pieces.append(value[start:])
+    return pieces
+
+
+def _empty_via(value: str) -> bool:
+    """A Via value with nothing before its parameters (``;``, ``;branch=x``): not a via-parm."""
+    return not value.partition(";")[0].strip()
+
+
+def mirrored_vias(message: SIPMessage, raw: bytes | None = None) -> list[str] | None:
+    """The Via values a reply copies, in order, the first being the top one (RFC 3261 §8.2.6.2):
+    the request's, without empty ones; ``None`` when none remains or they cannot be copied
+    exactly (module docstring, "Mirrored values").
+
+    :param raw: the request's exact bytes (see :func:`copyable`).
+    """
+    if len(message.vias) >= MAX_VIAS or len(message.headers) >= MAX_HEADERS:
+        return None  # the parser may have left some Via values out
+    vias = [v for v in message.vias if not _empty_via(v)]
+    if not vias or _split_params(vias[0]) is None:
+        return None
+    for value in vias:
+        if not copyable(value, raw):
+            return None
+    return vias
 
 
 def _split_outside_quotes(value: str, sep: str) -> list[str]:
@@ -266,17 +362,23 @@ def to_user(message: SIPMessage) -> str | None:
     return None
 
 
-def replyable(message: SIPMessage) -> bool:
+_COPIED = ("from", "to", "call-id", "cseq")
+
+
+def replyable(message: SIPMessage, raw: bytes | None = None) -> bool:
     """Whether a response the client can match can be built: a request with a Via, From, To,
-    Call-ID and CSeq (RFC 3261 §8.1.1 mandatory header fields, §8.2.6.2 copied ones)."""
-    return bool(
-        message.is_request
-        and message.vias
-        and message.header("from")
-        and message.header("to")
-        and message.header("call-id")
-        and message.header("cseq")
-    )
+    Call-ID and CSeq (RFC 3261 §8.1.1 mandatory header fields, §8.2.6.2 copied ones), all of
+    which can be copied exactly (module docstring, "Mirrored values").
+
+    :param raw: the request's exact bytes (see :func:`copyable`).
+    """
+    if not message.is_request:
+        return False
+    for name in _COPIED:
+        value = message.header(name)
+        if not value or not copyable(value, raw):
+            return False
+    return mirrored_vias(message, raw) is not None
 
 
 def _has_credentials(message: SIPMessage) -> bool:
@@ -293,13 +395,14 @@ def _required(message: SIPMessage) -> list[str]:
     return tags[:32]
 
 
-def decide(message: SIPMessage, persona: Persona) -> Decision:
+def decide(message: SIPMessage, persona: Persona, *, raw: bytes | None = None) -> Decision:
     """Choose the answer to *message* (the table of the module docstring).
 
     :param message: a parsed message (responses get :data:`NOTHING`).
     :param persona: the PBX being imitated.
+    :param raw: the exact bytes received, if known (see :func:`copyable`).
     """
-    if not message.is_request or message.method == "ACK" or not replyable(message):
+    if not message.is_request or message.method == "ACK" or not replyable(message, raw):
         return Decision(NOTHING)
     if message.parse_status == PARSE_MALFORMED:
         if _VERSION.match(message.version) and message.version.upper() != "SIP/2.0":
@@ -413,23 +516,28 @@ def _sent_by_host(sent: str) -> str | None:
     return sent_by.partition(":")[0].strip()
 
 
-def rewrite_top_via(via: str, source: tuple[str, int]) -> str:
+def rewrite_top_via(via: str, source: tuple[str, int]) -> str | None:
     """The top Via value of a response (RFC 3261 §18.2.1, RFC 3581 §4).
 
     ``received`` is added when the sent-by host is not the packet's source address (a domain
     name counts as different) or when the client asked for ``rport``; an ``rport`` parameter gets
-    the source port as its value. Any ``received`` the client wrote itself is replaced.
+    the source port as its value. Any ``received`` the client wrote itself is replaced, and empty
+    parameters (``;;``) are dropped.
 
     :param via: the request's top Via value.
     :param source: the packet's ``(address, port)``.
+    :returns: the new value, or ``None`` when the parameters cannot be read (a quoted string
+        never closes, so whether ``rport`` was asked for is unknown).
     """
     host, port = source
-    pieces = _split_outside_quotes(via, ";")
+    pieces = _split_params(via)
+    if pieces is None:
+        return None
     out = [pieces[0]]
     rport = False
     for piece in pieces[1:]:
         name = piece.partition("=")[0].strip().lower()
-        if name == "received":
+        if not piece.strip() or name == "received":
             continue
         if name == "rport":
             rport = True
@@ -476,32 +584,46 @@ def build_response(
     :param challenge: :data:`WWW_AUTHENTICATE` or :data:`PROXY_AUTHENTICATE` to add a challenge
         with a nonce made from ``context.entropy``.
     :param unsupported: option tags for a 420's ``Unsupported`` header.
-    :returns: the bytes, or ``None`` when they would exceed :data:`MAX_REPLY_BYTES`.
+    :returns: the bytes, or ``None`` when they would exceed :data:`MAX_REPLY_BYTES` or the values
+        to copy cannot be copied exactly (module docstring, "Mirrored values").
     """
+    raw = context.raw
     invite = message.method == "INVITE"
     dialog_response = invite and 101 <= status < 300
     options_ok = message.method == "OPTIONS" and status == 200
-    to = _clean(message.header("to") or "")
+    copied = {}
+    for name in _COPIED:
+        value = message.header(name)
+        if not value or not copyable(value, raw):
+            return None
+        copied[name] = value
+    to = copied["to"]
     if status != 100 and header_param(to, "tag") is None:
         to = f"{to};tag={context.to_tag}"
-    vias = [_clean(v) for v in message.vias]
-    vias[0] = rewrite_top_via(vias[0], context.source)
+    vias = mirrored_vias(message, raw)
+    if vias is None:
+        return None
+    top = rewrite_top_via(vias[0], context.source)
+    if top is None:
+        return None
+    vias[0] = top
     mirrored = {
         "via": [("Via", v) for v in vias],
-        "from": [("From", _clean(message.header("from") or ""))],
+        "from": [("From", copied["from"])],
         "to": [("To", to)],
-        "call-id": [("Call-ID", _clean(message.header("call-id") or ""))],
-        "cseq": [("CSeq", _clean(message.header("cseq") or ""))],
+        "call-id": [("Call-ID", copied["call-id"])],
+        "cseq": [("CSeq", copied["cseq"])],
     }
     headers: list[tuple[str, str]] = []
     for name in persona.header_order:
         headers.extend(mirrored[name])
     if dialog_response:
-        headers.extend(("Record-Route", _clean(v)) for v in message.header_all("record-route"))
+        headers.extend(("Record-Route", v) for v in message.header_all("record-route")
+                       if copyable(v, raw))
     if status == 100:
         timestamp = message.header("timestamp")
-        if timestamp:
-            headers.append(("Timestamp", _clean(timestamp)))
+        if timestamp and copyable(timestamp, raw):
+            headers.append(("Timestamp", timestamp))
     if dialog_response or options_ok:
         headers.append(("Contact", _contact(context)))
     if challenge:
@@ -509,8 +631,9 @@ def build_response(
         nonce = make_nonce(persona.nonce, context.entropy, context.now)
         opaque = context.entropy[16:32].hex() if persona.opaque else None
         headers.append((challenge, digest_challenge(realm, nonce, opaque)))
+    unsupported = tuple(t for t in unsupported if copyable(t, raw))
     if unsupported:
-        headers.append(("Unsupported", ", ".join(_clean(t) for t in unsupported)))
+        headers.append(("Unsupported", ", ".join(unsupported)))
     headers.append((persona.agent_header, persona.agent))
     if status == 405 or options_ok or persona.allow_on_every_response:
         headers.append(("Allow", ", ".join(persona.allow)))
