@@ -262,7 +262,7 @@ SETTINGS: tuple[Setting, ...] = (
     _setting("write_queue_bytes", "write-queue-bytes", None, INT, 33554432,
              "Most bytes of events waiting for the database", _at_least(1024)),
     _setting("reply_rate", "reply-rate", None, FLOAT, 10.0,
-             "SIP replies per second per destination address (burst twice that)", _positive),
+             "SIP replies per second per destination address (burst twice that, at least 1)", _positive),
     _setting("retention_days", "retention-days", None, INT, 0,
              "Delete events older than this many days (0 = keep forever)", _at_least(0)),
     _setting("syslog_socket", "syslog-socket", None, TEXT, "/dev/log", "Syslog Unix socket"),
