@@ -116,6 +116,13 @@ class SentryPeerService(MultiService):
             log.warn("{warning}", warning=warning)
         for line in unavailable_features(config):
             log.warn("{line}", line=line)
+        if config.p2p:
+            from sentrypeer.dht import DHTStartupError, require_opendht
+
+            try:
+                require_opendht()  # before anything is created on disk
+            except DHTStartupError as e:
+                raise StartupError(str(e)) from None
         try:
             self.node_id = prepare_database(config.db_file)
         except StorageError as e:
