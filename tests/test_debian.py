@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -185,8 +186,13 @@ class UnitTests(SynchronousTestCase):
                          "/var/log/" + self.value("LogsDirectory"))
 
     def test_restart_and_limits(self):
-        """Restarted on failure; a file limit above --max-tcp-connections' default."""
+        """Restarted on failure, but not on exit status 1 or 2 (a start-up failure a restart would
+        repeat every 5 s forever); crashes (signals) still restart; a file limit above
+        --max-tcp-connections' default."""
         self.assertEqual(self.value("Restart"), "on-failure")
+        prevented = self.value("RestartPreventExitStatus").split()
+        self.assertEqual(sorted(prevented), ["1", "2"])
+        self.assertTrue(all(status.isdigit() for status in prevented), "no signal may be listed")
         self.assertEqual(self.value("LimitNOFILE"), "65536")
         self.assertGreater(int(self.value("LimitNOFILE")),
                            config.SETTINGS_BY_NAME["max_tcp_connections"].default)
@@ -206,9 +212,28 @@ class UnitTests(SynchronousTestCase):
         for later in self.service["SystemCallFilter"][1:]:
             self.assertTrue(later.startswith("~"), "later filters may only take calls away")
 
+    def test_start_up_failure_not_restarted(self):
+        """A permanent configuration error (an unusable manhole keys file) makes the service's
+        command exit with a status the unit does not restart on, after one line saying why."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": ROOT,
+                       "HOME": directory, "LANG": "C.UTF-8"}
+        command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                   "--nodaemon", "--pidfile=", "--logfile=-", "sentrypeer", "-R",
+                   "-f", os.path.join(directory, "sentrypeer.db"),
+                   "--manhole", "tcp:0", "--manhole-keys", os.path.join(directory, "missing")]
+        result = subprocess.run(command, cwd=directory, env=environment, capture_output=True,
+                                text=True, timeout=120)
+        self.assertIn(str(result.returncode), self.value("RestartPreventExitStatus").split(),
+                      result.stdout[-600:] + result.stderr[-600:])
+        self.assertIn("--manhole-keys", result.stdout)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
     def test_security_rating(self):
-        """systemd-analyze security --offline rates the unit's exposure at most 3.0 (run where
-        systemd-analyze is installed; make deb-check runs it too)."""
+        """systemd-analyze security --offline rates the unit's exposure at most 3.0, and the unit's
+        comment and README.Debian state the rating it measures (run where systemd-analyze is
+        installed; make deb-check runs it too)."""
         tool = require_tool("systemd-analyze")
         directory = self.mktemp()
         os.makedirs(directory)
@@ -220,6 +245,9 @@ class UnitTests(SynchronousTestCase):
         rating = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
         self.assertIsNotNone(rating, result.stdout[-400:])
         self.assertLessEqual(float(rating.group(1)), 3.0)
+        for name in ("sentrypeer.service", "README.Debian"):
+            stated = re.findall(r"rates its\s+exposure (\d\.\d)", read(name))
+            self.assertEqual(stated, [rating.group(1)], name)
 
 
 class PackageTests(SynchronousTestCase):

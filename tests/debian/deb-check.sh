@@ -235,22 +235,50 @@ say "API: $API/numbers/$number and /ip-addresses/127.0.0.1 answer with the event
     fail "no TLS pair (key mode 0600) generated in $STATE"
 say "TLS: self-signed pair generated in $STATE (key mode 0600)"
 
+# ssh_manhole KEY [SSH ARGS...]: ssh into the manhole as README.Debian shows (the user's ssh_config
+# applies: Debian's sends LANG and LC_* as environment requests).
 ssh_manhole() {
-    local key=$1 line=$2
-    printf '%s\r' "$line" | timeout 20 ssh -tt -p "$MANHOLE_PORT" -i "$key" -o BatchMode=yes \
-        -o IdentitiesOnly=yes -o StrictHostKeyChecking=accept-new \
-        -o UserKnownHostsFile="$WORK/known_hosts" -o LogLevel=ERROR operator@127.0.0.1
+    local key=$1
+    shift
+    timeout 20 ssh -p "$MANHOLE_PORT" -i "$key" -o BatchMode=yes -o IdentitiesOnly=yes \
+        -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile="$WORK/known_hosts" -o LogLevel=ERROR \
+        "$@"
 }
 grep -q 'SSH manhole listening' "$WORK/daemon.log" || fail "the daemon did not start the manhole"
-ssh_manhole "$WORK/operator" 'print("received=%d" % sip.stats.total("received"))' \
-    >"$WORK/manhole.out" 2>&1 || true
-grep -qE '^received=[1-9][0-9]*' "$WORK/manhole.out" ||
-    fail "the manhole did not show the live counter: $(tr -d '\033' <"$WORK/manhole.out" | tail -c 400)"
-if ssh_manhole "$WORK/stranger" '1' >"$WORK/stranger.out" 2>&1; then
+# The one-off reading of README.Debian: the repr of the expression, exit status 0.
+status=0
+ssh_manhole "$WORK/operator" operator@127.0.0.1 'sip.stats.total("received")' >"$WORK/manhole.out" 2>&1 ||
+    status=$?
+[ "$status" = 0 ] && grep -qxE '[1-9][0-9]*' "$WORK/manhole.out" ||
+    fail "ssh operator@127.0.0.1 'sip.stats.total(\"received\")' (status $status) did not print the live counter: $(tail -c 400 "$WORK/manhole.out")"
+# A scripted interactive session ends with exit status 0 at the end of its input, and at exit().
+status=0
+printf '%s\r' 'print("received=%d" % sip.stats.total("received"))' |
+    ssh_manhole "$WORK/operator" -tt operator@127.0.0.1 >"$WORK/manhole-tt.raw" 2>&1 || status=$?
+tr -d '\r\033' <"$WORK/manhole-tt.raw" >"$WORK/manhole-tt.out"
+[ "$status" = 0 ] && grep -qE '^received=[1-9][0-9]*' "$WORK/manhole-tt.out" ||
+    fail "printf '...\\r' | ssh -tt (status $status, not 0) did not show the live counter: $(tail -c 400 "$WORK/manhole-tt.out")"
+status=0
+printf 'exit()\r' | ssh_manhole "$WORK/operator" -tt operator@127.0.0.1 >"$WORK/manhole-exit.out" 2>&1 || status=$?
+[ "$status" = 0 ] || fail "exit() in the manhole: ssh exit status $status, not 0"
+if ssh_manhole "$WORK/stranger" operator@127.0.0.1 '1' >"$WORK/stranger.out" 2>&1; then
     fail "the manhole let in a key that is not authorized"
 fi
 [ "$(stat -c %a "$STATE/manhole_host_key")" = 600 ] || fail "manhole host key is not mode 0600"
-say "manhole: ssh on 127.0.0.1:$MANHOLE_PORT read sip.stats live; an unknown key was refused"
+host_key=$(ssh-keygen -lf "$STATE/manhole_host_key") || fail "ssh-keygen cannot read $STATE/manhole_host_key"
+case $host_key in *"(ED25519)") ;; *) fail "the manhole host key is not Ed25519: $host_key" ;; esac
+grep -qF "host key $(echo "$host_key" | cut -d' ' -f2))" "$WORK/daemon.log" ||
+    fail "the daemon log does not show the host key's fingerprint $(echo "$host_key" | cut -d' ' -f2)"
+# One line per login, one for the refused key (once the server has seen the client go), none of
+# conch's chatter.
+[ "$(grep -c "manhole login: user 'operator' from 127.0.0.1:" "$WORK/daemon.log")" = 3 ] ||
+    fail "not one log line per manhole login: $(grep 'manhole login' "$WORK/daemon.log")"
+refusal_logged() { grep -q "manhole login refused: user 'operator' from 127.0.0.1:" "$WORK/daemon.log"; }
+wait_for 10 "log line of the refused manhole login" refusal_logged
+if grep -E 'twisted[./]conch|disconnected by user|moduli|environment variable|Unhandled Error' "$WORK/daemon.log"; then
+    fail "the manhole's log has conch's chatter or an error (above)"
+fi
+say "manhole: ssh on 127.0.0.1:$MANHOLE_PORT read sip.stats live (exit status 0); an unknown key was refused; Ed25519 host key; quiet log"
 
 # -- 6. stop, purge, nothing left ---------------------------------------------------------------
 say "stopping the daemon (SIGTERM)"
