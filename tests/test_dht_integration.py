@@ -263,6 +263,24 @@ class ReplicationTests(SynchronousTestCase):
         self.assertEqual(len(a.workers()), 1)
         self.assertEqual(a.stop(), 0)
 
+    def test_events_put_again_after_worker_restart(self):
+        """A's event, put before A's worker was killed with SIGKILL, is put again by the restarted
+        worker: C, started afterwards and bootstrapping from A's new DHT port, still receives it."""
+        network = private_network()
+        a = Node(self, "-b", f"127.0.0.1:{unused_udp_port()}", "--dht-network", str(network))
+        a.wait_line(r"DHT node running")
+        row = a.probe()
+        time.sleep(1.0)  # let the put be sent and answered by the first worker
+        [worker] = a.workers()
+        os.kill(worker, signal.SIGKILL)
+        a.wait_line(r"DHT worker ended \(signal 9\)")
+        port = int(a.wait_line(r"DHT node running: UDP port (\d+)", count=2).group(1))
+        c = Node(self, "-b", f"127.0.0.1:{port}", "--dht-network", str(network))
+        self.assertEqual(c.wait_event(row["event_uuid"])["created_by_node_id"], a.node_id)
+        for node in (a, c):
+            self.assertEqual(node.stop(), 0, node.output()[-2000:])
+            self.assertNotIn("Traceback", node.output())
+
 
 class TrustedModeTests(SynchronousTestCase):
     def setUp(self):

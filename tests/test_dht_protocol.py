@@ -343,6 +343,17 @@ class SpawnTests(ServiceTestCase):
         self.assertEqual(env["PYTHONPATH"].split(os.pathsep), [root, "/elsewhere"])
         self.assertNotIn("PYTHONSTARTUP", env)
 
+    def test_start_line_unknown_version_and_reput_note(self):
+        """The start line says OpenDHT "unknown" when the binding reports no version (Debian's
+        2.4.12), and carries the re-put interval when the binding has no permanent puts."""
+        self.make()
+        with capturedLogs() as events:
+            self.child.say(op="ready", port=4222, port6=4222, node_id="ab" * 20, version="",
+                           permanent=False, reput_interval=540.0)
+        [line] = [e for e in events if "mode" in e]
+        self.assertEqual(line["version"], "unknown")
+        self.assertEqual(line["mode"], " (no permanent puts: re-putting every 9 min)")
+
     def test_ready_logged(self):
         """``ready`` marks the service ready and keeps the worker's port and routing id."""
         service = self.make()
@@ -454,6 +465,127 @@ class PublishTests(ServiceTestCase):
         self.child.ready()
         self.assertEqual(len(self.puts()), 1)
         self.assertEqual(base64.b64decode(self.puts()[0]["data"]), validate.encode_value(event(1)))
+
+
+    def restart(self, code=1):
+        """End the current child and let the service start and ready the next one."""
+        first = self.child
+        first.end(code)
+        self.reactor.advance(self.service._restart_call.getTime() - self.reactor.seconds())
+        self.assertIsNot(self.child, first)
+        self.child.ready()
+
+    def put_events(self, process=None):
+        return [json.loads(base64.b64decode(m["data"]))["event_uuid"] for m in self.puts(process)]
+
+    def answer_all(self, ok=True):
+        for put in self.puts():
+            self.child.say(op="put_done", id=put["id"], ok=ok, nodes=2 if ok else 0)
+
+    def test_recent_values_republished_after_restart(self):
+        """A permanent put is refreshed only by the child that made it: when a new child is ready, our
+        values published (and answered) in the last 10 minutes are put again; older ones are not."""
+        service = self.make()
+        self.child.ready()
+        service(event(1), False)
+        self.reactor.advance(300)
+        self.child.say(op="stats", bootstrap_ok=True)
+        service(event(2), False)
+        service(event(3), False)
+        self.answer_all()
+        self.reactor.advance(301)  # event 1 is now 601 s old
+        self.child.say(op="stats", bootstrap_ok=True)
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(self.put_events(), [event(n).event_uuid for n in (2, 3)])
+        self.assertEqual(service.counts["republished"], 2)
+        self.assertEqual(self.put_events(self.reactor.processes[0]),
+                         [event(n).event_uuid for n in (1, 2, 3)])
+
+    def test_republish_not_doubled_with_requeued_puts(self):
+        """A put still unanswered when the child died is put once by the next child (requeued), not
+        twice (requeued and republished)."""
+        service = self.make()
+        self.child.ready()
+        service(event(1), False)
+        service(event(2), False)
+        self.child.say(op="put_done", id=1, ok=True, nodes=2)
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(sorted(self.put_events()), sorted(event(n).event_uuid for n in (1, 2)))
+
+    def test_republish_record_bounded(self):
+        """The record of published values is bounded in count and in bytes (the oldest are
+        forgotten), and the re-put queue by ``max_backlog`` (``not_republished_backlog`` beyond)."""
+        service = self.make(max_recorded=3)
+        self.child.ready()
+        for n in range(5):
+            service(event(n), False)
+        self.answer_all()
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(self.put_events(), [event(n).event_uuid for n in (2, 3, 4)])
+
+        size = len(validate.encode_value(event(0)))
+        service = self.make(max_recorded_bytes=2 * size + size // 2, max_backlog=1)
+        self.child.ready()
+        for n in range(4):
+            service(event(n), False)
+        self.answer_all()
+        self.assertEqual(service.counters()["recorded"], 2)
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(self.put_events(), [event(2).event_uuid])
+        self.assertEqual(service.counts["not_republished_backlog"], 1)
+
+    def test_republish_paced_by_put_rate(self):
+        """Re-puts share the put-rate token bucket, leaving one token to new events: at 4 puts/s,
+        20 recorded values go out over several seconds, and a new event meanwhile is still put."""
+        service = self.make(put_rate=4.0)
+        self.child.ready()
+        for n in range(20):
+            self.reactor.advance(0.25)
+            service(event(n), False)
+        self.answer_all()
+        self.assertEqual(service.counts["not_published_rate"], 0)
+        self.reactor.advance(10)
+        self.restart()
+        self.assertLessEqual(len(self.puts()), 3)
+        service(event(99), False)
+        self.assertIn(event(99).event_uuid, self.put_events())
+        for _ in range(3):
+            self.reactor.advance(1)
+            self.answer_all()
+        self.assertLess(service.counts["republished"], 20)
+        for _ in range(10):
+            self.reactor.advance(1)
+            self.answer_all()
+        self.assertEqual(service.counts["republished"], 20)
+        self.assertEqual(len(set(self.put_events())), 21)
+
+    def test_failed_before_bootstrap_retried_on_next_child(self):
+        """A put answered with a failure by a child that had not bootstrapped is put again by the next
+        child even when older than 10 minutes; failures after the child bootstrapped are not kept
+        beyond the 10-minute record."""
+        service = self.make()
+        self.child.ready()
+        service(event(1), False)
+        self.answer_all(ok=False)
+        self.reactor.advance(700)
+        self.child.say(op="stats", bootstrap_ok=False)
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(self.put_events(), [event(1).event_uuid])
+
+        self.child.say(op="stats", bootstrap_ok=True)
+        service(event(2), False)
+        for put in self.puts():
+            self.child.say(op="put_done", id=put["id"], ok=False, nodes=0)
+        self.reactor.advance(700)
+        self.child.say(op="stats", bootstrap_ok=True)
+        self.restart()
+        self.reactor.advance(1)
+        self.assertEqual(self.puts(), [])
 
 
 class ProcessLifeTests(ServiceTestCase):
@@ -646,6 +778,18 @@ class ReceiveTests(ServiceTestCase):
         self.assertEqual(service.rejected, {})
         self.value(validate.encode_value(event(6)))
         self.assertEqual(service.rejected["own_node_id"], 1)
+        self.assertEqual(self.pipeline.replicated, [])
+
+    def test_own_values_from_before_restart_quiet(self):
+        """Our own values stored on the network by the run before a restart (our node id, an event
+        this run did not publish) are counted as ``own_node_id`` but logged at debug level only."""
+        service = self.make()
+        self.child.ready()
+        with capturedLogs() as events:
+            self.value(validate.encode_value(event(7)))
+        self.assertEqual(service.rejected["own_node_id"], 1)
+        [line] = [e for e in events if e.get("reason") == "own_node_id"]
+        self.assertEqual(line["log_level"].name, "debug")
         self.assertEqual(self.pipeline.replicated, [])
 
     def test_poisoned_counted_by_reason(self):
@@ -904,6 +1048,26 @@ class FakeChildTests(TestCase):
         self.assertGreaterEqual(service.counts["worker_exits"], 4)
 
     @defer.inlineCallbacks
+    def test_values_put_again_after_child_killed(self):
+        """Through real pipes: values answered by a child that is then killed with SIGKILL are put
+        again by the restarted child."""
+        record = os.path.abspath(self.mktemp())
+        service = self.start("normal", "--record", record)
+        yield self.wait_for(lambda: service.ready)
+        for n in range(3):
+            service(event(n), False)
+        yield self.wait_for(lambda: service.counts["puts_ok"] == 3)
+        os.kill(service.process.pid, signal.SIGKILL)
+        yield self.wait_for(lambda: service.restarts == 1 and service.ready)
+        yield self.wait_for(lambda: service.counts["puts_ok"] == 6)
+        yield service.stopService()
+        with open(record, "rb") as f:
+            puts = [json.loads(line) for line in f if b'"put"' in line]
+        uuids = [json.loads(base64.b64decode(m["data"]))["event_uuid"] for m in puts]
+        self.assertEqual(uuids, [event(n).event_uuid for n in range(3)] * 2)
+        self.assertEqual(service.counts["republished"], 3)
+
+    @defer.inlineCallbacks
     def test_hung_child_killed_at_stop(self):
         """A child that ignores ``stop``, SIGTERM and its closed stdin is killed with SIGKILL after the
         grace period; stop returns once it is gone, leaving no process behind."""
@@ -1156,6 +1320,40 @@ class WorkerTests(SynchronousTestCase):
         node._reput_due(first + 600.5)
         self.assertEqual(len(node._reput), 0)
         self.assertEqual(self.counters.snapshot()["reputs"], 1)
+
+    def test_bootstrap_from_itself_not_retried(self):
+        """A seed node whose bootstrap node is its own address and bound port logs once that it is
+        the bootstrap node, bootstraps from nobody, and is not retried; another port is bootstrapped
+        as usual."""
+        node = self.node("--bootstrap-host", "127.0.0.1", "--bootstrap-port", "4567")
+        node.start()
+        self.assertIs(node._bootstrap(), True)
+        self.assertTrue(node._bootstrap_self)
+        self.assertNotIn("bootstrap", [c[0] for c in self.runner.calls])
+        [log] = [m for m in self.queued() if m.get("op") == "log"]
+        self.assertEqual(log["level"], "info")
+        self.assertIn("this node is the bootstrap node", log["message"])
+        self.assertTrue(node.stats()["bootstrap_self"])
+
+        node = self.node("--bootstrap-host", "127.0.0.1", "--bootstrap-port", "4568")
+        node.start()
+        self.assertIs(node._bootstrap(), True)
+        self.assertFalse(node._bootstrap_self)
+        self.assertIn(("bootstrap", "127.0.0.1", "4568"), self.runner.calls)
+
+    def test_version_unknown_without_one(self):
+        """A binding without ``__version__`` or ``version`` (Debian's 2.4.12) reports its installed
+        distribution's version, else "unknown", never an empty string."""
+        from importlib import metadata
+
+        from sentrypeer.dht import worker
+
+        def missing(name):
+            raise metadata.PackageNotFoundError(name)
+
+        self.patch(metadata, "version", missing)
+        self.assertEqual(worker._version(object()), "unknown")
+        self.assertEqual(worker._version(type("M", (), {"__version__": "4.4.2"})), "4.4.2")
 
     def test_stop_cancels_with_refcount_fix(self):
         """Stop gives the shared listen-token slot a reference before ``cancelListen`` (the binding

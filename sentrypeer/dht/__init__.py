@@ -21,10 +21,12 @@ Messages (one JSON object per line, UTF-8, at most :data:`MAX_LINE_BYTES` bytes 
 ``stop``       to child   none: cancel the listen, shut the node down, exit 0
 ``ready``      to parent  ``port``, ``port6`` (int or null), ``node_id`` (hex routing id), ``version``,
                           ``permanent`` (bool: permanent puts, as far as known before the first put),
-                          ``ipv6`` (bool: an IPv6 socket exists, opendht-notes §4.3)
+                          ``ipv6`` (bool: an IPv6 socket exists, opendht-notes §4.3); without
+                          permanent puts, ``reput_interval`` (seconds between re-puts)
 ``value``      to parent  ``data`` (base64 of the bytes of a value received on the key)
 ``put_done``   to parent  ``id``, ``ok`` (bool), ``nodes`` (int: nodes that acknowledged)
-``stats``      to parent  counters (ints); also sent every heartbeat, which proves the child alive
+``stats``      to parent  counters (ints), ``bootstrap_ok`` and ``bootstrap_self`` (bool: the node is
+                          its own bootstrap node); also sent every heartbeat, which proves it alive
 ``log``        to parent  ``level`` (``debug``/``info``/``warn``/``error``), ``message`` (str)
 =============  =========  ============================================================================
 """

@@ -22,6 +22,15 @@ Modelled on :class:`twisted.runner.procmon.ProcessMonitor`, for one process that
   *max_in_flight* puts are outstanding at the child; a put without an answer after *put_timeout*
   seconds is forgotten (``put_timeouts``). Value bytes: :func:`sentrypeer.dht.validate.encode_value`
   (60 KiB at most, signed with ``--dht-sign``).
+* **re-publish after a restart**: a "permanent" put is refreshed only by the child that made it, so
+  when a child dies its values leave the network within OpenDHT's value lifetime (10 minutes). The
+  service keeps a bounded record (*max_recorded* values, *max_recorded_bytes* bytes) of the values it
+  published in the last *republish_window* seconds, and when a new child is ready, it puts them again
+  (``republished``), except those still waiting in the backlog. Puts that a child answered with a
+  failure before it had bootstrapped (its last ``stats`` did not say ``bootstrap_ok``) are put again
+  on the next child too, whatever their age (bounded by *max_recorded*). Re-puts wait in their own
+  queue of at most *max_backlog* (``not_republished_backlog`` beyond) and share the token bucket,
+  always leaving one token to new events when the bucket holds two or more.
 * **receive**: every value goes through :func:`sentrypeer.dht.validate.check_value`, then the
   ``event_uuid`` duplicate check: first against the ids seen recently in memory, then in the
   database (one query per batch of up to :data:`CHECK_BATCH`). New events go to
@@ -29,7 +38,9 @@ Modelled on :class:`twisted.runner.procmon.ProcessMonitor`, for one process that
   IGNORE`` on the unique ``event_uuid`` index, so even a race cannot store one twice) and hands them
   to the JSON log and webhook (syslog only with ``--syslog-peers``). Refused values are counted by
   reason (:attr:`DHTService.rejected`) and logged at most once a minute per reason, with how many
-  were not logged; duplicates, and our own values coming back, only at debug level.
+  were not logged; duplicates, and our own values coming back (``own_values`` when this run
+  published them, ``rejected_own_node_id`` otherwise, e.g. stored by the run before a restart),
+  only at debug level.
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ log = Logger(namespace="sentrypeer.dht")
 DUPLICATE = "duplicate"
 BACKLOG = "backlog"
 #: Reasons logged only at debug level (expected in normal operation).
-QUIET_REASONS = frozenset({DUPLICATE})
+QUIET_REASONS = frozenset({DUPLICATE, validate.OWN_NODE_ID})
 #: Seconds between two log lines about the same rejection reason.
 REJECT_LOG_INTERVAL = 60.0
 #: Event ids per database duplicate-check query.
@@ -76,6 +87,8 @@ CHECK_BATCH = 500
 #: Event ids remembered in memory for the duplicate check (received and published).
 RECENT_IDS = 100_000
 PUBLISHED_IDS = 10_000
+#: OpenDHT's value lifetime: our values younger than this are put again by a new child.
+REPUBLISH_WINDOW = 600.0
 
 
 def _stored_uuids(cursor: Any, uuids: Sequence[str]) -> set[str]:
@@ -166,6 +179,9 @@ class DHTService(Service):
         put_timeout: float = 120.0,
         max_pending_checks: int = 10_000,
         max_pending_bytes: int = 16 * 1024 * 1024,
+        republish_window: float = REPUBLISH_WINDOW,
+        max_recorded: int = 10_000,
+        max_recorded_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
@@ -192,6 +208,9 @@ class DHTService(Service):
         self.put_timeout = put_timeout
         self.max_pending_checks = max_pending_checks
         self.max_pending_bytes = max_pending_bytes
+        self.republish_window = republish_window
+        self.max_recorded = max_recorded
+        self.max_recorded_bytes = max_recorded_bytes
 
         #: Counters for logs, the manhole and tests.
         self.counts: collections.Counter[str] = collections.Counter()
@@ -222,6 +241,13 @@ class DHTService(Service):
         self._in_flight: dict[int, tuple[float, str, bytes]] = {}
         self._next_id = 1
         self._published = _BoundedSet(PUBLISHED_IDS)
+        #: Values published recently: event_uuid -> (when, bytes), oldest first.
+        self._record: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
+        self._record_bytes = 0
+        #: Puts answered with a failure by a child that had not bootstrapped: event_uuid -> bytes.
+        self._unconfirmed: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        #: Re-puts waiting for a token: (event_uuid, bytes).
+        self._republish: collections.deque[tuple[str, bytes]] = collections.deque()
 
         self._recent = _BoundedSet(RECENT_IDS)
         self._pending: list[BadActorEvent] = []
@@ -379,24 +405,38 @@ class DHTService(Service):
             "DHT node running: UDP port {port}, routing id {node}, OpenDHT {version}{mode}",
             port=info.get("port"),
             node=escape_for_log(str(info.get("node_id")), 64),
-            version=escape_for_log(str(info.get("version", "?")), 32),
-            mode="" if info.get("permanent", True) else " (no permanent puts: recent values re-put)",
+            version=escape_for_log(str(info.get("version") or "unknown"), 32),
+            mode=_mode_note(info),
         )
         if info.get("ipv6") is False:
             log.warn("DHT node has no IPv6 socket: OpenDHT may need to be killed at stop")
+        self._queue_republish()
         self._pump()
 
     def child_stats(self, stats: dict[str, Any]) -> None:
         self.child_counters = stats
+        if stats.get("bootstrap_ok") is True:
+            # This child is on the network now: its permanent puts reach it (re-put if it dies
+            # while they are recent, from the record).
+            self._unconfirmed.clear()
 
     def child_log(self, level: str, message: str) -> None:
         text = escape_for_log(message, 500)
         getattr(log, level)("DHT worker: {message}", message=text)
 
     def child_put_done(self, put_id: int, ok: bool, nodes: int) -> None:
-        if self._in_flight.pop(put_id, None) is None:
+        entry = self._in_flight.pop(put_id, None)
+        if entry is None:
             return
         self.counts["puts_ok" if ok else "puts_unconfirmed"] += 1
+        if not ok and self.child_counters.get("bootstrap_ok") is not True:
+            # Stored by a child that is not on the network (yet): if it dies before it gets
+            # there, the value is nowhere else. Kept for the next child.
+            _sent, uuid, data = entry
+            self._unconfirmed[uuid] = data
+            self._unconfirmed.move_to_end(uuid)
+            while len(self._unconfirmed) > self.max_recorded:
+                self._unconfirmed.popitem(last=False)
         self._pump()
 
     def child_ended(self, protocol: DHTProcessProtocol, reason: Failure) -> None:
@@ -405,6 +445,7 @@ class DHTService(Service):
         self.protocol = None
         self.process = None
         self.ready = False
+        self.child_counters = {}
         self._requeue_in_flight()
         if self._stopping:
             self._stopped()
@@ -533,15 +574,56 @@ class DHTService(Service):
             log.failure("cannot encode event {uuid} for the DHT", uuid=event.event_uuid)
             return
         self._published.add(event.event_uuid)
+        self._remember(event.event_uuid, data)
         self._backlog.append((event.event_uuid, data))
         self._pump()
 
-    def _take_token(self) -> bool:
+    def _remember(self, uuid: str, data: bytes) -> None:
+        """Record a published value for :meth:`_queue_republish` (bounded in count and bytes)."""
+        old = self._record.pop(uuid, None)
+        if old is not None:
+            self._record_bytes -= len(old[1])
+        self._record[uuid] = (self.clock.seconds(), data)
+        self._record_bytes += len(data)
+        self._expire_record()
+        while self._record and (len(self._record) > self.max_recorded
+                                or self._record_bytes > self.max_recorded_bytes):
+            _uuid, (_when, dropped) = self._record.popitem(last=False)
+            self._record_bytes -= len(dropped)
+
+    def _expire_record(self) -> None:
+        now = self.clock.seconds()
+        while self._record:
+            uuid, (when, data) = next(iter(self._record.items()))
+            if now - when < self.republish_window:
+                break
+            del self._record[uuid]
+            self._record_bytes -= len(data)
+
+    def _queue_republish(self) -> None:
+        """A new child is ready: queue our recent values (and unconfirmed ones) to be put again."""
+        self._expire_record()
+        waiting = {uuid for uuid, _data in self._backlog}
+        waiting.update(uuid for uuid, _data in self._republish)
+        values = [(uuid, data) for uuid, data in self._unconfirmed.items()]
+        values += [(uuid, data) for uuid, (_when, data) in self._record.items()]
+        self._unconfirmed.clear()
+        for uuid, data in values:
+            if uuid in waiting:
+                continue
+            waiting.add(uuid)
+            if len(self._republish) >= self.max_backlog:
+                self.counts["not_republished_backlog"] += 1
+                continue
+            self._republish.append((uuid, data))
+
+    def _take_token(self, reserve: float = 0.0) -> bool:
+        """Take a token, if more than *reserve* tokens would be left for others."""
         now = self.clock.seconds()
         capacity = max(1.0, self.put_rate)
         self._tokens = min(capacity, self._tokens + max(0.0, now - self._refilled) * self.put_rate)
         self._refilled = now
-        if self._tokens >= 1.0:
+        if self._tokens >= 1.0 + reserve:
             self._tokens -= 1.0
             return True
         return False
@@ -560,6 +642,19 @@ class DHTService(Service):
                 del self._in_flight[put_id]
                 return
             self.counts["puts_sent"] += 1
+        # Re-puts after a restart: paced by the same token bucket, one token left for new events.
+        reserve = 1.0 if max(1.0, self.put_rate) >= 2.0 else 0.0
+        while (self._republish and not self._backlog and len(self._in_flight) < self.max_in_flight
+               and self._take_token(reserve)):
+            uuid, data = self._republish.popleft()
+            put_id = self._next_id
+            self._next_id += 1
+            self._in_flight[put_id] = (self.clock.seconds(), uuid, data)
+            if not protocol.send_put(put_id, data):
+                self._republish.appendleft((uuid, data))
+                del self._in_flight[put_id]
+                return
+            self.counts["republished"] += 1
 
     def _requeue_in_flight(self) -> None:
         # The child died with these unanswered: they may or may not be on the network, so put
@@ -580,9 +675,20 @@ class DHTService(Service):
         out.update({f"worker_{k}": v for k, v in self.child_counters.items() if isinstance(v, int)})
         out.update(
             restarts=self.restarts, backlog=len(self._backlog), in_flight=len(self._in_flight),
-            pending_checks=len(self._pending),
+            pending_checks=len(self._pending), republish_queue=len(self._republish),
+            recorded=len(self._record),
         )
         return out
+
+
+def _mode_note(info: dict[str, Any]) -> str:
+    """The start line's note on a binding without permanent puts (Debian 12's 2.4.12)."""
+    if info.get("permanent", True) is not False:
+        return ""
+    interval = info.get("reput_interval")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+        return f" (no permanent puts: re-putting every {interval / 60:g} min)"
+    return " (no permanent puts: recent values re-put)"
 
 
 def build_dht_service(config: Any, reactor: Any, pipeline: Any, node_id: str, database: Any) -> DHTService:

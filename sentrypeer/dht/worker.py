@@ -222,6 +222,8 @@ class Node:
         self._reput: collections.deque = collections.deque()  # (first put, last put, bytes)
         self._bootstrap_ok = False
         self._bootstrap_warned = False
+        self._bootstrap_self = False
+        self.ports: set[int] = set()
 
     # -- start ------------------------------------------------------------------------------
 
@@ -251,20 +253,24 @@ class Node:
         bound6 = self.runner.getBound(socket.AF_INET6)
         port4, port6 = _bound_port(bound4), _bound_port(bound6)
         self.has_ipv6 = port6 is not None
+        self.ports = {port for port in (port4, port6) if port is not None}
         if port4 is None and port6 is None:
             raise RuntimeError(f"OpenDHT bound no socket (port {args.port}, bind {args.bind or 'all'})")
         self.permanent = self._supports_permanent()
         self.token = self.runner.listen(self.key, self._on_value)
         threading.Thread(target=self._maintain, name="sentrypeer-dht-maintenance", daemon=True).start()
-        return {
+        ready = {
             "op": OP_READY,
             "port": port4 if port4 is not None else port6,
             "port6": port6,
             "node_id": _hex(self.runner.getNodeId()),
-            "version": str(getattr(dht, "__version__", "") or _version(dht)),
+            "version": _version(dht),
             "permanent": self.permanent,
             "ipv6": self.has_ipv6,
         }
+        if not self.permanent:
+            ready["reput_interval"] = REPUT_AGE
+        return ready
 
     def _supports_permanent(self) -> bool:
         import inspect
@@ -360,7 +366,8 @@ class Node:
                 return
             except TypeError:
                 self.permanent = False
-                self.out.log("info", "this OpenDHT binding has no permanent puts: re-putting recent values")
+                self.out.log("info", "this OpenDHT binding has no permanent puts: re-putting values every "
+                             f"{REPUT_AGE / 60:g} min for {REPUT_WINDOW / 60:g} min")
         self.runner.put(self.key, value, done_cb=done)
 
     # -- maintenance thread -------------------------------------------------------------------
@@ -369,7 +376,7 @@ class Node:
         delay = BOOTSTRAP_FIRST_RETRY
         next_bootstrap = time.monotonic()
         while not self._stop.wait(timeout=1.0):
-            if self.args.bootstrap_host and time.monotonic() >= next_bootstrap:
+            if self.args.bootstrap_host and not self._bootstrap_self and time.monotonic() >= next_bootstrap:
                 if self._bootstrap():
                     delay = BOOTSTRAP_FIRST_RETRY
                     next_bootstrap = time.monotonic() + BOOTSTRAP_MAX_RETRY  # refresh now and then
@@ -398,6 +405,14 @@ class Node:
                 continue
             if sockaddr[0] not in addresses:
                 addresses.append(sockaddr[0])
+        others = [address for address in addresses if not self._is_self(address, port)]
+        if addresses and not others:
+            # A seed node told to bootstrap from itself: nothing to retry, peers come to it.
+            self.out.log("info", f"bootstrap node {shown} is this node's own address and port: "
+                                 "this node is the bootstrap node")
+            self._bootstrap_self = True
+            return True
+        addresses = others
         can_ping = hasattr(self.runner, "ping") and hasattr(self.dht.SockAddr, "resolve")
         if not can_ping:
             # Older bindings (2.4.12) cannot build an address to ping: bootstrap, and trust it.
@@ -430,6 +445,29 @@ class Node:
         self._bootstrap_warned = True
         self._bootstrap_ok = False
         return False
+
+    def _is_self(self, address: str, port: int) -> bool:
+        """Whether *address*:*port* is this node's own DHT socket: our bound port, on an address
+        we bound (a specific one, or any local address when bound to all)."""
+        if port not in self.ports:
+            return False
+        host = address.split("%", 1)[0]
+        ipv4, ipv6 = bind_addresses(self.args.bind)
+        bound = ipv6 if ":" in host else ipv4
+        if bound and bound not in ("0.0.0.0", "::"):
+            try:
+                return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host) == \
+                    socket.inet_pton(socket.AF_INET6 if ":" in bound else socket.AF_INET, bound)
+            except OSError:
+                return False
+        # Bound to all addresses: ours when the address is local (it can be bound here).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((address, 0))
+        except OSError:
+            return False
+        return True
 
     def _reput_due(self, now: float) -> None:
         due = []
@@ -481,6 +519,7 @@ class Node:
         message["uptime"] = int(time.monotonic() - self.started)
         message["permanent"] = self.permanent
         message["bootstrap_ok"] = self._bootstrap_ok
+        message["bootstrap_self"] = self._bootstrap_self
         return message
 
 
@@ -504,11 +543,22 @@ def _hex(infohash: Any) -> str:
 
 
 def _version(dht: Any) -> str:
-    version = getattr(dht, "version", "")
+    """The binding's version: ``__version__``, ``version()``, the installed distribution's
+    metadata, else ``"unknown"`` (Debian 12's 2.4.12 has none of the first two)."""
+    for name in ("__version__", "version"):
+        version = getattr(dht, name, "")
+        try:
+            text = str(version() if callable(version) else version)
+        except Exception:
+            text = ""
+        if text.strip():
+            return text.strip()
     try:
-        return str(version() if callable(version) else version)
+        from importlib import metadata
+
+        return metadata.version("opendht")
     except Exception:
-        return ""
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
