@@ -9,7 +9,8 @@ ARGS ?=
 TRIAL_ARGS ?=
 # Debian packages the integration tests drive. A test whose tool is missing skips locally (with the
 # package to install) and fails under CI (CI=true), where no test may skip.
-TEST_TOOLS := sipvicious sipsak sip-tester openssl curl sqlite3 fail2ban
+TEST_TOOLS := sipvicious sipsak sip-tester openssl curl sqlite3 fail2ban nmap openssh-client \
+	chromium chromium-driver ipset nftables util-linux
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run check lint venv tools python clean

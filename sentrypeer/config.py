@@ -614,27 +614,3 @@ def from_options(options: Mapping, environ: Mapping[str, str], home: str | None 
                                                          values["tls_listen_address"])
 
     return Config(**values, config_file=config_file, warnings=tuple(warnings))
-
-
-#: Features a user may ask for that this version does not provide yet: (Config field, how the
-#: user asks for it).  Remove a row when its feature lands.
-UNAVAILABLE_FEATURES: tuple[tuple[str, str], ...] = (
-    ("blocklist_exclude", "--blocklist-exclude (blocklist exports)"),
-)
-
-
-def unavailable_features(config: Config) -> list[str]:
-    """Return one line per requested feature that this version does not provide yet.
-
-    Such a request is not an error: the feature is ignored and the line is logged as a warning at
-    start-up.  The features are listed in :data:`UNAVAILABLE_FEATURES`.
-
-    :param config: the resolved settings.
-    :returns: readable lines, e.g. ``"-a/--api (REST API) is not available in this version yet;
-        ignored"``, in table order; empty when nothing unavailable was asked for.
-    """
-    return [
-        f"{request} is not available in this version yet; ignored"
-        for name, request in UNAVAILABLE_FEATURES
-        if getattr(config, name)
-    ]

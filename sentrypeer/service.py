@@ -27,15 +27,15 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
-from sentrypeer import __version__
-from sentrypeer.config import Config, unavailable_features
+from sentrypeer import __version__, metrics
+from sentrypeer.config import Config
 from sentrypeer.endpoints import ListenSpec, format_listen
 from sentrypeer.outputs import OutputError, build_outputs
 from sentrypeer.pipeline import EventPipeline
 from sentrypeer.sip.controller import SIPController
 from sentrypeer.sip.protocol import MAX_DATAGRAM, PacketInfoUDPPort, SIPDatagramProtocol
 from sentrypeer.stats import SIPStats
-from sentrypeer.storage.database import DatabaseService, StorageError, prepare_database
+from sentrypeer.storage.database import Database, DatabaseService, StorageError, prepare_database
 from sentrypeer.tls import TLSSetupError, context_factory, ensure_certificate
 
 log = Logger(namespace="sentrypeer")
@@ -114,8 +114,6 @@ class SentryPeerService(MultiService):
         config = self.config
         for warning in config.warnings:
             log.warn("{warning}", warning=warning)
-        for line in unavailable_features(config):
-            log.warn("{line}", line=line)
         if config.p2p:
             from sentrypeer.dht import DHTStartupError, require_opendht
 
@@ -127,9 +125,14 @@ class SentryPeerService(MultiService):
             self.node_id = prepare_database(config.db_file)
         except StorageError as e:
             raise StartupError(str(e)) from None
+        # Database batch latency for /metrics: the store is wrapped so every insert is timed.
+        self.batch_latency = metrics.LatencyHistogram()
         self.database_service = DatabaseService(
             config.db_file,
             reactor=self.reactor,
+            database=metrics.TimedEventStore(
+                Database(config.db_file, self.reactor), self.batch_latency, self.reactor
+            ),
             max_events=config.write_queue_size,
             max_bytes=config.write_queue_bytes,
             retention_days=config.retention_days,
@@ -137,6 +140,8 @@ class SentryPeerService(MultiService):
         self.database_service.node_id = self.node_id
         self.database_service.setServiceParent(self)
         self.pipeline = EventPipeline(self.database_service.queue)
+        # Per-method counts (bounded labels) for /metrics, counted on the way into the pipeline.
+        self.event_counts = metrics.EventCounts(self.pipeline.submit_collected)
         for output in build_outputs(config, self.reactor):
             try:
                 output.prepare()  # the JSON log opens its file here: a failure is a start-up error
@@ -158,8 +163,26 @@ class SentryPeerService(MultiService):
             self.pipeline.add_output(self.dht_service)
         if config.api:
             from sentrypeer.api import make_site
+            from sentrypeer.api.blocklist import (
+                BlocklistExcludeError,
+                load_exclude_file,
+                own_listen_addresses,
+            )
 
-            site = make_site(self.database_service.database, token=config.api_token, clock=self.reactor)
+            exclude = ()
+            if config.blocklist_exclude:
+                try:
+                    exclude = load_exclude_file(config.blocklist_exclude)
+                except BlocklistExcludeError as e:
+                    raise StartupError(str(e)) from None
+            site = make_site(
+                self.database_service.database,
+                token=config.api_token,
+                clock=self.reactor,
+                live=self,
+                blocklist_exclude=exclude,
+                own_addresses=own_listen_addresses(config.sip_listen),
+            )
             try:
                 self.api_service = strports.service(config.api_listen, site, reactor=self.reactor)
             except (ValueError, KeyError, TypeError) as e:
@@ -170,7 +193,7 @@ class SentryPeerService(MultiService):
             self.api_service.setServiceParent(self)
         self.controller = SIPController(
             node_id=self.node_id,
-            sink=self.pipeline.submit_collected,
+            sink=self.event_counts,
             clock=self.reactor,
             collected_method="responsive" if config.sip_responsive else "passive",
             verbose=config.verbose or config.debug,
@@ -213,6 +236,8 @@ class SentryPeerService(MultiService):
                 "pipeline": self.pipeline,
                 "dht": self.dht_service,
                 "responder": self.responder,
+                "event_counts": self.event_counts,
+                "batch_latency": self.batch_latency,
             }
             try:
                 self.manhole_service = build_manhole_service(

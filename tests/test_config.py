@@ -9,11 +9,9 @@ from sentrypeer.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_SIP_LISTEN,
     SETTINGS,
-    UNAVAILABLE_FEATURES,
     Config,
     ConfigError,
     from_options,
-    unavailable_features,
 )
 from sentrypeer.endpoints import ListenSpec
 
@@ -524,32 +522,3 @@ class DerivedSettingsTests(ConfigTestMixin, SynchronousTestCase):
         config = self.resolve(environ={"SENTRYPEER_DB_FILE": "data/sp.db",
                                        "SENTRYPEER_KEY": "/etc/sp/key.pem"})
         self.assertEqual((config.cert, config.key), ("data/cert.pem", "/etc/sp/key.pem"))
-
-
-class UnavailableFeaturesTests(ConfigTestMixin, SynchronousTestCase):
-    """``unavailable_features`` lists requested features this version does not provide yet."""
-
-    def test_nothingRequested(self):
-        """The defaults request nothing unavailable."""
-        self.assertEqual(unavailable_features(self.resolve()), [])
-
-    def test_eachFeature(self):
-        """Each requested feature gives one line naming its option and saying it is ignored."""
-        requests = {
-            "blocklist_exclude": ({"blocklist-exclude": "cidrs.txt"}, "--blocklist-exclude"),
-        }
-        self.assertEqual(set(requests), {name for name, _ in UNAVAILABLE_FEATURES})
-        for name, (options, option) in requests.items():
-            lines = unavailable_features(self.resolve(options=options))
-            self.assertEqual(len(lines), 1, name)
-            self.assertIn(option, lines[0])
-            self.assertIn("not available", lines[0])
-            self.assertIn("ignored", lines[0])
-
-    def test_severalInTableOrder(self):
-        """Several requests give one line each, in table order; available features give none."""
-        config = self.resolve(options={"debug": 1, "sip-responsive": 1, "api": 1, "p2p": 1,
-                                       "syslog": 1, "blocklist-exclude": "x", "manhole": "tcp:2"})
-        lines = unavailable_features(config)
-        self.assertEqual([line.split(" ")[0] for line in lines],
-                         ["--blocklist-exclude"])

@@ -81,16 +81,6 @@ class WiringTests(SynchronousTestCase):
         second.privilegedStartService()
         self.assertEqual(first.node_id, second.node_id)
 
-    def test_unavailable_features_warned(self):
-        """A feature of a later version (--blocklist-exclude) is one warning line, and start-up
-        goes on."""
-        observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        config = make_config(self.directory, sip_disable=True, blocklist_exclude="cidrs.txt")
-        service = build_service(config, self.reactor)
-        service.privilegedStartService()
-        warnings = [formatEvent(e) for e in observer if e["log_level"] == LogLevel.warn]
-        self.assertEqual(len([w for w in warnings if "--blocklist-exclude" in w]), 1)
-
     def test_responsive_settings_without_r_warned(self):
         """--sip-persona or --reply-rate without -r have no effect: one warning each."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
@@ -171,6 +161,16 @@ class StartupFailureTests(SynchronousTestCase):
             self.assertEqual(lines, [f"sentrypeer: cannot listen on TCP 127.0.0.1:{port}: "
                                      "Address already in use"])
             self.assertEqual(service.ports, [])
+
+    def test_bad_blocklist_exclude(self):
+        """A --blocklist-exclude file with a line that is no address or CIDR: one line naming it."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "exclude.txt")
+        with open(path, "w") as f:
+            f.write("192.0.2.0/24\nnot-a-cidr\n")
+        config = make_config(directory, sip_disable=True, api=True, blocklist_exclude=path)
+        self.assertOneLineExit(config, "--blocklist-exclude", "not-a-cidr")
 
     def test_bad_api_listen(self):
         """An --api-listen description Twisted cannot parse is one line naming it."""
