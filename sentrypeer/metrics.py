@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -328,7 +329,9 @@ class SentryPeerCollector:
     def _replies(self) -> Iterator[Any]:
         stats = getattr(getattr(self.live, "responder", None), "stats", None)
         if stats is None:
-            return
+            # Responsive mode off: the family is still there, at zero, so alerts can be written
+            # before the feature is switched on.
+            stats = types.SimpleNamespace(sent=0, limited=0, refused=0, oversize=0)
         yield _labelled(
             CounterMetricFamily, "sentrypeer_sip_replies",
             "Replies of responsive mode: sent, or not sent and why.", ["outcome"],
@@ -379,7 +382,10 @@ class SentryPeerCollector:
     def _dht(self) -> Iterator[Any]:
         dht = getattr(self.live, "dht_service", None)
         if dht is None:
-            return
+            # Peer to peer off: the families are still there, at zero.
+            dht = types.SimpleNamespace(
+                counts=collections.defaultdict(int), rejected={}, restarts=0, ready=False
+            )
         counts = dht.counts
         yield _counter(
             "sentrypeer_dht_values_received", "Values received from peers.", counts["values_received"]
@@ -414,21 +420,21 @@ class SentryPeerCollector:
             )
         outputs = _find_outputs(self.live)
         webhook = outputs.get("webhook")
-        if webhook is not None:
-            c = webhook.counters()
-            yield _counter("sentrypeer_webhook_delivered", "Events the collector accepted (2xx).", c["sent"])
-            yield _counter(
-                "sentrypeer_webhook_failed_attempts", "Failed delivery attempts (retried).", c["errors"]
-            )
-            yield _labelled(
-                CounterMetricFamily, "sentrypeer_webhook_dropped", "Events never delivered, by reason.",
-                ["reason"],
-                [
-                    (("queue_full",), c["dropped"]), (("refused",), c["rejected"]),
-                    (("undelivered_at_stop",), c["undelivered"]),
-                ],
-            )
-            yield _gauge("sentrypeer_webhook_queued", "Events waiting for delivery.", c["pending"])
+        # Webhook off: the families are still there, at zero.
+        c = webhook.counters() if webhook is not None else collections.defaultdict(int)
+        yield _counter("sentrypeer_webhook_delivered", "Events the collector accepted (2xx).", c["sent"])
+        yield _counter(
+            "sentrypeer_webhook_failed_attempts", "Failed delivery attempts (retried).", c["errors"]
+        )
+        yield _labelled(
+            CounterMetricFamily, "sentrypeer_webhook_dropped", "Events never delivered, by reason.",
+            ["reason"],
+            [
+                (("queue_full",), c["dropped"]), (("refused",), c["rejected"]),
+                (("undelivered_at_stop",), c["undelivered"]),
+            ],
+        )
+        yield _gauge("sentrypeer_webhook_queued", "Events waiting for delivery.", c["pending"])
         syslog = outputs.get("syslog")
         if syslog is not None:
             c = syslog.counters()

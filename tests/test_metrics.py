@@ -270,13 +270,18 @@ class CollectorTests(SynchronousTestCase):
         self.assertEqual(got["sentrypeer_json_log_written_total"], {(): 0.0})
 
     def test_missing_parts(self):
-        """A node without responder, DHT, outputs or wiring still scrapes: those metrics just have
-        no samples; a part that raises is logged and left out, never the scrape."""
+        """A node without responder, DHT, outputs or wiring still scrapes. The replies, DHT and
+        webhook families the issue lists are present at zero while their feature is off (so alerts
+        can be written beforehand); parts that are not wired (no write queue) have no samples; a
+        part that raises is logged and left out, never the scrape."""
         got = scrape(metrics.build_registry(Live(stats=SIPStats())))
         self.assertIn("sentrypeer_sip_requests_received_total", got)
-        for absent in ("sentrypeer_sip_replies_total", "sentrypeer_dht_values_received_total",
-                       "sentrypeer_webhook_delivered_total", "sentrypeer_sip_events_received_total",
-                       "sentrypeer_write_queue_depth"):
+        for zero in ("sentrypeer_sip_replies_total", "sentrypeer_dht_values_received_total",
+                     "sentrypeer_dht_values_accepted_total", "sentrypeer_webhook_delivered_total",
+                     "sentrypeer_webhook_queued"):
+            self.assertIn(zero, got)
+            self.assertEqual(set(got[zero].values()), {0.0}, zero)
+        for absent in ("sentrypeer_sip_events_received_total", "sentrypeer_write_queue_depth"):
             self.assertNotIn(absent, got)
         broken = Live(stats=SIPStats(), responder=Live(stats=None), dht_service=Live(counts=None))
         got = scrape(metrics.build_registry(broken))
