@@ -10,70 +10,31 @@ import os
 import re
 import select
 import socket
-import sqlite3
 import time
 
-from twisted.internet import defer, reactor, threads, utils
-from twisted.trial.unittest import TestCase
+from twisted.internet import defer, threads, utils
 
-from sentrypeer.service import build_service
 from sentrypeer.sip.persona import shipped_persona
-from sentrypeer.sip.responder import build_responder
 
-from .support import corpus_bytes, make_config, require_tool
+from .support import corpus_bytes, require_tool
+from .test_integration import HoneypotTestCase
 
 LOOPBACK_LISTEN = ("udp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1")
 SIPP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sipp")
 DEFAULT = shipped_persona()
 
 
-def rows(db_file: str, where: str = "1") -> list[sqlite3.Row]:
-    """``honey`` rows matching *where*, read with a separate plain connection."""
-    conn = sqlite3.connect(db_file)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute(f"SELECT * FROM honey WHERE {where} ORDER BY honey_id").fetchall()
-    finally:
-        conn.close()
-
-
-class ResponsiveTestCase(TestCase):
-    """Starts the honeypot in-process with ``-r`` on loopback ephemeral ports."""
+class ResponsiveTestCase(HoneypotTestCase):
+    """Starts the honeypot in-process with ``-r`` on loopback ephemeral ports (the service tree
+    builds and installs the responder, as ``sentrypeer -r`` does)."""
 
     timeout = 180
 
     def start(self, listen=LOOPBACK_LISTEN, **overrides):
         overrides.setdefault("sip_responsive", True)
-        directory = os.path.abspath(self.mktemp())
-        config = make_config(directory, listen, **overrides)
-        service = build_service(config, reactor)
-        service.privilegedStartService()
-        service.startService()
-        self.addCleanup(service.stopService)
-        controller = service.controller
-        if controller.responder is None:
-            # The service tree does not build the responder itself (yet): wire it the same way.
-            responder = build_responder(config, reactor)
-            responder.install(controller)
-            responder.setServiceParent(service)
-        self.responder = controller.responder
-        self.addCleanup(self.responder.stopService)
-        self.service = service
-        self.db_file = config.db_file
-        self.home = directory
+        service = super().start(listen, **overrides)
+        self.responder = service.controller.responder
         return service
-
-    def port(self, transport: str) -> int:
-        for spec, port in self.service.ports:
-            if spec.transport == transport:
-                return port.getHost().port
-        raise AssertionError(f"no {transport} listener")
-
-    @defer.inlineCallbacks
-    def recorded(self, where: str = "1"):
-        """Rows in the database once everything received so far has been written."""
-        yield self.service.database_service.queue.flush()
-        return rows(self.db_file, where)
 
     @defer.inlineCallbacks
     def run_tool(self, name: str, *args: str):
