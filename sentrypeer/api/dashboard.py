@@ -782,31 +782,30 @@ def _detail_facts(s: dq.Summary, other: str) -> list[str]:
 
 def render_ip(address: str, data: Detail) -> bytes:
     """The page of one source address (*address* as asked for)."""
-    b = data.breakdowns
-    body = [f"<h1>Source address {h(address, CELL_CHARS)}</h1>"]
-    body.extend(_detail_facts(data.summary, "Numbers tried"))
-    body.append('<div class="grid-2"><section><h2>Numbers tried</h2>')
-    body.extend(count_table("Number", b["called_number"], number_href, True))
-    body.append("</section><section><h2>User-Agents</h2>")
-    body.extend(count_table("User-Agent", b["user_agent"], None, True))
-    body.append("</section><section><h2>Methods</h2>")
-    body.append(bar_chart(_merge_missing(b["method"]), "Methods"))
-    body.append("</section><section><h2>Transports</h2>")
-    body.append(bar_chart(_merge_missing(b["transport_type"]), "Transports"))
-    body.append("</section></div>")
-    more = html.escape(events_href(ip=address))
-    body.append(f'<h2>Latest events</h2><p><a href="{more}">All events from this address</a></p>')
-    body.extend(events_table(data.events.rows, data.node_id))
-    return page("Source address", body)
+    return _render_detail(
+        "Source address", address, data, ("Numbers tried", "Number", "called_number", number_href),
+        (events_href(ip=address), "All events from this address"),
+    )
 
 
 def render_number(number: str, data: Detail) -> bytes:
     """The page of one called number."""
+    return _render_detail(
+        "Called number", number, data, ("Source addresses", "Address", "source_ip", ip_href),
+        (events_href(number=number), "All events to this number"),
+    )
+
+
+def _render_detail(title: str, value: str, data: Detail, first: tuple, more: tuple) -> bytes:
+    """The page of one address or number: facts, the other side's top list (*first*: section
+    heading, column name, breakdown key, link maker), User-Agents, methods, transports, and the
+    latest events with a link (*more*: href, text) to all of them."""
+    heading, column, key, href = first
     b = data.breakdowns
-    body = [f"<h1>Called number {h(number, CELL_CHARS)}</h1>"]
-    body.extend(_detail_facts(data.summary, "Source addresses"))
-    body.append('<div class="grid-2"><section><h2>Source addresses</h2>')
-    body.extend(count_table("Address", b["source_ip"], ip_href, True))
+    body = [f"<h1>{title} {h(value, CELL_CHARS)}</h1>"]
+    body.extend(_detail_facts(data.summary, heading))
+    body.append(f'<div class="grid-2"><section><h2>{heading}</h2>')
+    body.extend(count_table(column, b[key], href, True))
     body.append("</section><section><h2>User-Agents</h2>")
     body.extend(count_table("User-Agent", b["user_agent"], None, True))
     body.append("</section><section><h2>Methods</h2>")
@@ -814,10 +813,10 @@ def render_number(number: str, data: Detail) -> bytes:
     body.append("</section><section><h2>Transports</h2>")
     body.append(bar_chart(_merge_missing(b["transport_type"]), "Transports"))
     body.append("</section></div>")
-    more = html.escape(events_href(number=number))
-    body.append(f'<h2>Latest events</h2><p><a href="{more}">All events to this number</a></p>')
+    link, text = more
+    body.append(f'<h2>Latest events</h2><p><a href="{html.escape(link)}">{text}</a></p>')
     body.extend(events_table(data.events.rows, data.node_id))
-    return page("Called number", body)
+    return page(title, body)
 
 
 def decode_path_segment(raw: bytes) -> str:
