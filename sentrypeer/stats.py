@@ -23,6 +23,9 @@ class SIPStats:
     """
 
     datagrams: int = 0  #: UDP datagrams read (all of them, keep-alives and responses included)
+    #: UDP datagrams the kernel dropped before we could read them (receive buffer full; Linux
+    #: ``SO_MEMINFO``, read every second by each UDP port)
+    kernel_drops: int = 0
     received: dict[str, int] = dataclasses.field(default_factory=_per_transport)
     recorded: dict[str, int] = dataclasses.field(default_factory=_per_transport)
     retransmissions: int = 0  #: requests matching a transaction seen within 32 s (RFC 3261 §17.2)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sentrypeer.events import NOT_FOUND, PARSE_MALFORMED, PARSE_NON_SIP, PARSE_OK
+from sentrypeer.sip import message as _message
 from sentrypeer.sip.message import (
     CL_ABSENT,
     CL_INVALID,
@@ -827,3 +828,73 @@ class BigInputTests(SynchronousTestCase):
         ]
         for data in cases:
             self.assertLess(self.timed(data), 5.0, data[:40])
+
+
+class FastPathTests(SynchronousTestCase):
+    """The parser's quick paths give exactly what its general code gives (issue 7)."""
+
+    @PROPERTY
+    @given(
+        st.lists(
+            st.one_of(
+                st.sampled_from([b"Via: SIP/2.0/UDP a;branch=z9hG4bK-1", b"To: <sip:1@x>", b"CSeq: 1 A",
+                                 b"v: x", b"Content-Length: 0", b"l:7", b"X-Custom:  y ", b"Via : z",
+                                 b"User-Agent:\tua\t", b" folded", b"\tfolded", b"no colon", b":empty",
+                                 b"Bad Name: x", b"\xff: x", b"Call-ID:"]),
+                st.binary(max_size=20).filter(lambda b: b"\r" not in b and b"\n" not in b),
+            ),
+            max_size=12,
+        )
+    )
+    def test_known_fields_equal_general(self, lines):
+        """For any header lines: when the quick reading of known names accepts them, the fields
+        and Content-Length values are the general reading's, and the general reading records no
+        problem for them."""
+        lines = [line for line in lines if line]
+        for line in lines:  # the names seen once are cached, as in a running node
+            _message._header_name(line.partition(b":")[0].rstrip(b" \t"))
+        known = _message._known_fields(lines)
+        problems = _message._Problems()
+        general = _message._read_fields(lines, problems)
+        if known is not None:
+            self.assertEqual(known, general)
+            self.assertEqual(problems.items, {})
+
+    @PROPERTY
+    @given(st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b" ", b"a", b":", b"Via: x"]), max_size=30))
+    def test_header_lines_split(self, pieces):
+        """The CRLF-only quick split of a header block gives the general split's lines."""
+        data = b"OPTIONS sip:1@x SIP/2.0\r\n" + b"".join(pieces) + b"\r\n\r\n"
+        lines, body_start, complete = _message._header_lines(data, 25)
+        end = data.find(b"\n\r\n", 24)
+        lf = data.find(b"\n\n", 24)
+        cut = min(x for x in (end, lf) if x >= 0)
+        block = data[25:cut]
+        general = [x[:-1] if x.endswith(b"\r") else x for x in block.split(b"\n")] if block else []
+        self.assertEqual(lines, general)
+        self.assertTrue(complete)
+
+    def test_lazy_fields_decoded_once(self):
+        """Text fields that recording does not need are decoded on first read and kept: a second
+        read returns the same object, and they are still read-only."""
+        m = parse_message(request(*BASE, b"Contact: <sip:a@192.0.2.9>"))
+        self.assertNotIn("headers", m.raw)
+        headers = m.headers
+        self.assertIs(m.headers, headers)
+        self.assertEqual(m.contact, "<sip:a@192.0.2.9>")
+        self.assertEqual(m.vias, ("SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bK-1",))
+        self.assertEqual((m.version, m.request_uri, m.cseq, m.cseq_method),
+                         ("SIP/2.0", "sip:100@192.0.2.1", "1 OPTIONS", "OPTIONS"))
+        for name in ("headers", "to", "method"):
+            self.assertRaises(dataclasses.FrozenInstanceError, setattr, m, name, "X")
+
+    def test_name_cache_bounded(self):
+        """Header names are cached only when they are tokens of at most 64 bytes, and at most
+        2,048 of them: attacker-chosen names cannot grow it without bound."""
+        self.assertIsNone(_message._header_name(b"Bad Name"))
+        self.assertNotIn(b"Bad Name", _message._NAME_CACHE)
+        self.assertEqual(_message._header_name(b"X-" + b"a" * 100), "x-" + "a" * 100)
+        self.assertNotIn(b"X-" + b"a" * 100, _message._NAME_CACHE)
+        for i in range(5000):
+            _message._header_name(b"X-Many-%d" % i)
+        self.assertLessEqual(len(_message._NAME_CACHE), _message._NAME_CACHE_MAX)

@@ -8,7 +8,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from sentrypeer.events import NOT_FOUND
 from sentrypeer.sip.controller import SIPController, normalise_address
@@ -130,12 +130,38 @@ class UDPCorpusTests(SynchronousTestCase, CorpusMixin):
         self.assertEqual(controller.stats.retransmissions, 0)
 
     def test_transaction_memory_is_bounded(self):
-        """At most max_transactions are remembered; the oldest is forgotten first."""
-        controller, sink, _ = make_controller(max_transactions=10)
+        """At most max_transactions are remembered (at least 7/8 of them: a generation of the
+        oldest is forgotten at once); the oldest are forgotten first."""
+        controller, sink, _ = make_controller(max_transactions=16)
         for i in range(50):
             send_udp(controller, OPTIONS.replace(b"Call-ID: c1", b"Call-ID: c%d" % i))
-        self.assertEqual(len(controller._transactions), 10)
+        self.assertLessEqual(len(controller._transactions), 16)
+        self.assertGreaterEqual(len(controller._transactions), 14)
         self.assertEqual(len(sink.events), 50)
+        send_udp(controller, OPTIONS.replace(b"Call-ID: c1", b"Call-ID: c49"))  # remembered
+        send_udp(controller, OPTIONS.replace(b"Call-ID: c1", b"Call-ID: c0"))  # forgotten
+        self.assertEqual(controller.stats.retransmissions, 1)
+        self.assertEqual(len(sink.events), 51)
+
+    def test_transaction_window(self):
+        """A retransmission is absorbed for 32 s (RFC 3261 §17.2: 64*T1) and at most 32 + 32/8 s
+        after the transaction's generation last took a key; later it is a new event."""
+        controller, sink, clock = make_controller()
+        send_udp(controller, OPTIONS)
+        clock.advance(31.9)
+        send_udp(controller, OPTIONS)
+        self.assertEqual((len(sink.events), controller.stats.retransmissions), (1, 1))
+        other = OPTIONS.replace(b"Call-ID: c1", b"Call-ID: c2")
+        send_udp(controller, other)  # a new generation (4 s passed), seen at 31.9 s
+        clock.advance(4.2)  # 36.1 s: the first generation is gone
+        send_udp(controller, OPTIONS)
+        self.assertEqual((len(sink.events), controller.stats.retransmissions), (3, 1))
+        clock.advance(27.7)  # 63.8 s: "other" is 31.9 s old
+        send_udp(controller, other)
+        self.assertEqual(controller.stats.retransmissions, 2)
+        clock.advance(0.2)  # 32.1 s
+        send_udp(controller, other)
+        self.assertEqual((len(sink.events), controller.stats.retransmissions), (4, 2))
 
     def test_dropped_event_counted(self):
         """When the sink refuses (full write queue) the drop is counted, not recorded."""
@@ -390,3 +416,91 @@ class StreamHardeningTests(SynchronousTestCase):
             clock.advance(20)
         self.assertEqual(len(sink.events), 15)
         self.assertFalse(transport.disconnecting)
+
+
+class KernelDropTests(TestCase):
+    """PacketInfoUDPPort counts the datagrams the kernel dropped for it (issue 7)."""
+
+    def test_kernel_drops_counted(self):
+        """Datagrams that overflow the socket's receive buffer while the reactor is busy are
+        added to stats.kernel_drops when the port reads SO_MEMINFO (every second, and on
+        demand): the same number /proc/net/udp shows for the socket."""
+        import socket
+        import sys
+
+        from twisted.internet import reactor
+
+        from sentrypeer.sip.protocol import PacketInfoUDPPort
+
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("SO_MEMINFO is Linux")
+        controller, _, _ = make_controller()
+        port = PacketInfoUDPPort(0, SIPDatagramProtocol(controller), "127.0.0.1", 65535, reactor)
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        port.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # tiny: it overflows
+        number = port.getHost().port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _ in range(300):
+                s.sendto(b"x" * 1000, ("127.0.0.1", number))
+        port.count_kernel_drops()
+        drops = controller.stats.kernel_drops
+        self.assertGreater(drops, 0)
+        with open("/proc/net/udp", encoding="ascii") as f:
+            rows = [line.split() for line in f if ":%04X " % number in line]
+        self.assertEqual(drops, int(rows[0][12]))
+        port.count_kernel_drops()  # nothing new: nothing added
+        self.assertEqual(controller.stats.kernel_drops, drops)
+
+
+class EventIdentityTests(SynchronousTestCase):
+    """The cheaper event fields keep their format (interface.md §3)."""
+
+    def test_uuids(self):
+        """Events get distinct lower-case version-4 UUIDs (RFC 4122 variant), made in batches."""
+        import uuid
+
+        from sentrypeer.events import new_event_uuid
+
+        seen = set()
+        for _ in range(3000):
+            text = new_event_uuid()
+            value = uuid.UUID(text)
+            self.assertEqual((value.version, value.variant, str(value)), (4, uuid.RFC_4122, text))
+            seen.add(text)
+        self.assertEqual(len(seen), 3000)
+
+    def test_uuid_pool_not_shared_with_a_child(self):
+        """A forked child starts with an empty pool: parent and child never hand out the same
+        UUID."""
+        import os
+
+        from sentrypeer import events
+
+        events.new_event_uuid()
+        self.assertTrue(events._uuid_pool)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report the pool size, then leave at once
+            os.write(write, b"%d" % len(events._uuid_pool))
+            os._exit(0)
+        os.close(write)
+        size = os.read(read, 20)
+        os.close(read)
+        os.waitpid(pid, 0)
+        self.assertEqual(size, b"0")
+
+    def test_timestamp_format(self):
+        """format_timestamp (which reuses the formatted second) gives nine fraction digits in
+        UTC, whatever the order of the calls."""
+        import random
+        import time
+
+        from sentrypeer.events import format_timestamp
+
+        values = [random.randrange(0, 4_000_000_000 * 10**9) for _ in range(500)]
+        values += [1_700_000_000 * 10**9 + i for i in (0, 1, 999_999_999, 10**9)]
+        for ns in values + values[::-1]:
+            seconds, nanos = divmod(ns, 10**9)
+            expected = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)) + ".%09d" % nanos
+            self.assertEqual(format_timestamp(ns), expected)

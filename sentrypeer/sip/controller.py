@@ -12,6 +12,7 @@ destinations; :mod:`sentrypeer.sip.responder`).
 
 from __future__ import annotations
 
+import collections
 import functools
 import ipaddress
 import time
@@ -22,22 +23,23 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from sentrypeer.events import (
+    NOT_FOUND,
     PARSE_MALFORMED,
     PARSE_NON_SIP,
+    PARSE_OK,
     PARSE_TRUNCATED,
     BadActorEvent,
     escape_for_log,
     format_timestamp,
     new_event_uuid,
-    or_not_found,
-    readable,
 )
 from sentrypeer.sip.message import SIPMessage, SIPParseError, parse_message
 from sentrypeer.stats import SIPStats
 
 #: RFC 3261 §17.2.1/§17.2.2: a server transaction absorbs retransmissions for 64*T1 = 32 s.
 TRANSACTION_WINDOW = 32.0
-#: Upper bound on remembered transactions (~60 bytes each); the oldest is forgotten first.
+#: Upper bound on remembered transactions (~70 bytes each, :class:`TransactionTable`); the oldest
+#: are forgotten first.
 MAX_TRANSACTIONS = 500_000
 #: Upper bound on the bytes of replies kept for retransmissions; the oldest is forgotten first.
 MAX_STORED_REPLY_BYTES = 16 * 1024 * 1024
@@ -60,6 +62,80 @@ def normalise_address(host: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+class TransactionTable:
+    """The server transactions seen recently (RFC 3261 §17.2.3 keys), for retransmission
+    matching: bounded in time and count, and compact.
+
+    Keys are kept in a few generations (sets), newest last. A generation takes new keys for
+    *window* / :attr:`SLICES` seconds or until it holds *max_entries* / :attr:`SLICES` keys, then
+    a new one starts; a generation is dropped whole once *window* seconds have passed since its
+    last key, so a key is remembered for *window* seconds at least and *window* / :attr:`SLICES`
+    seconds more at most. When the count passes *max_entries*, the oldest generation is dropped
+    early (the oldest keys are forgotten first). A key costs a set slot and its ``int`` (about
+    70 bytes, half what an ordered dict of expiry times costs), which matters during a flood:
+    10,000 new transactions a second for 32 s are 320,000 keys.
+
+    :param window: seconds a key is remembered (:data:`TRANSACTION_WINDOW`).
+    :param max_entries: the most keys remembered.
+    :param on_forget: called with each key when its generation is dropped (the controller's
+        stored replies), only while *wants_forget* returns true.
+    """
+
+    SLICES = 8
+
+    def __init__(self, window: float, max_entries: int, on_forget: Callable[[int], None],
+                 wants_forget: Callable[[], bool]) -> None:
+        self.window = window
+        self.max_entries = max(1, max_entries)
+        self._slice = window / self.SLICES
+        self._per_generation = max(1, -(-self.max_entries // self.SLICES))
+        #: ``[started, last_added, keys]`` per generation, oldest first.
+        self._generations: collections.deque[list] = collections.deque()
+        self._count = 0
+        self._on_forget = on_forget
+        self._wants_forget = wants_forget
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _drop_oldest(self) -> None:
+        _, _, keys = self._generations.popleft()
+        self._count -= len(keys)
+        if self._wants_forget():
+            for key in keys:
+                self._on_forget(key)
+
+    def expire(self, now: float) -> None:
+        """Drop the generations whose last key is *window* seconds old at *now*."""
+        generations = self._generations
+        while generations and generations[0][1] + self.window <= now:
+            self._drop_oldest()
+
+    def __contains__(self, key: int) -> bool:
+        for generation in reversed(self._generations):
+            if key in generation[2]:
+                return True
+        return False
+
+    def seen(self, key: int, now: float) -> bool:
+        """Whether *key* is remembered (a retransmission); otherwise remember it from *now*."""
+        self.expire(now)
+        generations = self._generations
+        for generation in reversed(generations):
+            if key in generation[2]:
+                return True
+        current = generations[-1] if generations else None
+        if current is None or current[0] + self._slice <= now or len(current[2]) >= self._per_generation:
+            current = [now, now, set()]
+            generations.append(current)
+        current[1] = now
+        current[2].add(key)
+        self._count += 1
+        while self._count > self.max_entries:
+            self._drop_oldest()
+        return False
 
 
 class SIPController(ServerFactory):
@@ -103,8 +179,10 @@ class SIPController(ServerFactory):
         self.idle_timeout = idle_timeout
         self.stats = stats if stats is not None else SIPStats()
         self.max_transactions = max_transactions
-        # hash of the transaction key -> expiry time; insertion order == expiry order.
-        self._transactions: dict[int, float] = {}
+        # Hashes of the transaction keys seen within TRANSACTION_WINDOW seconds.
+        self._transactions = TransactionTable(
+            TRANSACTION_WINDOW, max_transactions, self._forget_reply, lambda: bool(self._replies)
+        )
         self.connections: set = set()
         #: Hook for responsive mode: ``responder(message, event, reply)``, called once per new
         #: request; ``reply(data: bytes)`` stores *data* as the transaction's latest reply and
@@ -115,7 +193,7 @@ class SIPController(ServerFactory):
         self.reply_gate: Callable[[Address, bytes], bool] | None = None
         self.max_stored_reply_bytes = max_stored_reply_bytes
         # transaction key -> latest reply sent (or suppressed); insertion order == age.
-        self._replies: dict[int, bytes] = {}
+        self._replies: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._reply_bytes = 0
 
     # -- stream factory ------------------------------------------------------------------------
@@ -151,37 +229,40 @@ class SIPController(ServerFactory):
         :returns: the recorded event, or ``None`` when nothing was recorded (response,
             retransmission).
         """
+        stats = self.stats
         message: SIPMessage | None
         try:
             message = parse_message(data)
         except SIPParseError:
             message = None
         if message is not None and not message.is_request:
-            self.stats.responses += 1
+            stats.responses += 1
             return None
-        self.stats.received[transport_type] += 1
+        stats.received[transport_type] += 1
         key = None
         if message is None:
             status = status or PARSE_NON_SIP
         elif status != PARSE_TRUNCATED:
             key = self._transaction_key(message, transport_type, source, connection_id)
             if key is not None and self._seen(key):
-                self.stats.retransmissions += 1
+                stats.retransmissions += 1
                 stored = self._replies.get(key)
                 if stored is not None and reply is not None:
                     self._transmit(stored, source, reply)
                 return None
         event = self._make_event(data, message, transport_type, source, destination, status)
-        if event.parse_status == PARSE_TRUNCATED:
-            self.stats.truncated += 1
-        elif event.parse_status == PARSE_NON_SIP:
-            self.stats.non_sip += 1
-        elif event.parse_status == PARSE_MALFORMED:
-            self.stats.malformed += 1
+        parse_status = event.parse_status
+        if parse_status != PARSE_OK:
+            if parse_status == PARSE_TRUNCATED:
+                stats.truncated += 1
+            elif parse_status == PARSE_NON_SIP:
+                stats.non_sip += 1
+            elif parse_status == PARSE_MALFORMED:
+                stats.malformed += 1
         if self.sink(event):
-            self.stats.recorded[transport_type] += 1
+            stats.recorded[transport_type] += 1
         else:
-            self.stats.dropped += 1
+            stats.dropped += 1
         if self.verbose:
             self._log.info(
                 "{transport} {method} from {source}:{sport} to {dest}:{dport} number={number} "
@@ -224,6 +305,7 @@ class SIPController(ServerFactory):
         """Keep *data* as the latest reply of transaction *key* (RFC 3261 §17.2.1: a retransmitted
         INVITE gets the most recent provisional or the final response), within
         :attr:`max_stored_reply_bytes`."""
+        self._transactions.expire(self.clock.seconds())
         if key not in self._transactions:
             return  # the transaction already expired (a late final response)
         self._forget_reply(key)
@@ -232,7 +314,8 @@ class SIPController(ServerFactory):
         self._replies[key] = data
         self._reply_bytes += len(data)
         while self._reply_bytes > self.max_stored_reply_bytes:
-            self._forget_reply(next(iter(self._replies)))
+            _, dropped = self._replies.popitem(last=False)
+            self._reply_bytes -= len(dropped)
 
     def _forget_reply(self, key: int) -> None:
         old = self._replies.pop(key, None)
@@ -248,7 +331,18 @@ class SIPController(ServerFactory):
         destination: Address,
         status: str | None,
     ) -> BadActorEvent:
-        event = BadActorEvent(
+        # One constructor call with every field: this runs for every recorded packet.
+        if message is None:
+            number = method = agent = username = realm = NOT_FOUND
+            status = status or PARSE_NON_SIP
+        else:
+            number = message.called_number or NOT_FOUND
+            method = message.method or NOT_FOUND
+            agent = message.user_agent or NOT_FOUND
+            username = message.auth_username or NOT_FOUND
+            realm = message.auth_realm or NOT_FOUND
+            status = status or message.parse_status
+        return BadActorEvent(
             event_timestamp=format_timestamp(time.time_ns()),
             event_uuid=new_event_uuid(),
             created_by_node_id=self.node_id,
@@ -256,21 +350,17 @@ class SIPController(ServerFactory):
             transport_type=transport_type,
             source_ip=normalise_address(source[0]),
             destination_ip=normalise_address(destination[0]),
-            sip_message=or_not_found(readable(data)),
+            called_number=number,
+            sip_method=method,
+            sip_user_agent=agent,
+            sip_message=data.decode("utf-8", "backslashreplace") or NOT_FOUND,
             source_port=source[1],
             destination_port=destination[1],
+            parse_status=status,
+            auth_username=username,
+            auth_realm=realm,
             sip_message_bytes=data,
         )
-        if message is not None:
-            event.called_number = or_not_found(message.called_number)
-            event.sip_method = or_not_found(message.method)
-            event.sip_user_agent = or_not_found(message.user_agent)
-            event.auth_username = or_not_found(message.auth_username)
-            event.auth_realm = or_not_found(message.auth_realm)
-            event.parse_status = status or message.parse_status
-        else:
-            event.parse_status = status or PARSE_NON_SIP
-        return event
 
     @staticmethod
     def _transaction_key(
@@ -298,23 +388,7 @@ class SIPController(ServerFactory):
     def _seen(self, key: int) -> bool:
         """Whether transaction *key* was seen within :data:`TRANSACTION_WINDOW` seconds (a
         retransmission); otherwise remember it from now on."""
-        now = self.clock.seconds()
-        transactions = self._transactions
-        # Expire from the front: entries were inserted in time order with one fixed window.
-        while transactions:
-            oldest = next(iter(transactions))
-            if transactions[oldest] > now:
-                break
-            del transactions[oldest]
-            self._forget_reply(oldest)
-        if key in transactions:
-            return True
-        if len(transactions) >= self.max_transactions:
-            oldest = next(iter(transactions))
-            del transactions[oldest]
-            self._forget_reply(oldest)
-        transactions[key] = now + TRANSACTION_WINDOW
-        return False
+        return self._transactions.seen(key, self.clock.seconds())
 
     def _is_retransmission(
         self,

@@ -14,10 +14,12 @@ from the grammar in :attr:`SIPMessage.problems`, which makes the message ``malfo
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import FrozenInstanceError
+from typing import Any, NamedTuple
 from urllib.parse import unquote_to_bytes
 
-from sentrypeer.events import PARSE_MALFORMED, PARSE_OK, readable
+from sentrypeer.events import PARSE_MALFORMED, PARSE_OK
 
 #: At most this many header fields are kept in :attr:`SIPMessage.headers`; later ones are ignored
 #: (except ``Content-Length``, which is always checked) and the message is ``malformed``.
@@ -68,6 +70,10 @@ COMPACT_FORMS = {
     "y": "identity",
 }
 
+# Bytes are searched with find() rather than "in": CPython's bytes.__contains__ first tries the
+# operand as an integer and raises and discards a TypeError when it is bytes, which costs more
+# than the search itself.
+
 # RFC 3261 §25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
 _TOKEN_CHARS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" + b"-.!%*_+`'~"
 _WSP = b" \t"
@@ -85,6 +91,7 @@ _SPECIALS = re.compile(rb'[\\"<>,;]')
 _QUOTED_PAIR = re.compile(rb"\\(.)", re.DOTALL)
 # Leading line ends (RFC 3261 §7.5: CRLFs before the start line are ignored).
 _LEADING_LINE_ENDS = re.compile(rb"[\r\n]*")
+_LINE_END_BYTES = (b"\r", b"\n")
 
 
 class SIPParseError(ValueError):
@@ -263,7 +270,7 @@ def _split_top(value: bytes, sep: int) -> tuple[list[bytes], bool]:
     :param sep: the separator byte value (``ord(",")`` or ``ord(";")``).
     :returns: the pieces (not stripped) and whether quotes and angle brackets were balanced.
     """
-    if b'"' not in value and b"<" not in value and b">" not in value:
+    if value.find(b'"') < 0 and value.find(b"<") < 0 and value.find(b">") < 0:
         return value.split(bytes((sep,))), True
     pieces: list[bytes] = []
     start = 0
@@ -279,6 +286,38 @@ def _split_top(value: bytes, sep: int) -> tuple[list[bytes], bool]:
             start = i + 1
     pieces.append(value[start:])
     return pieces, not scan.in_quote and not in_angle
+
+
+def _balanced(value: bytes) -> bool:
+    """Whether the quoted strings and ``<...>`` of *value* are closed, as :func:`_split_top`
+    judges it (a quoted string never closed, or a last ``<`` outside quotes never followed by a
+    ``>``, is unbalanced), with a few C-level calls for values without backslash escapes."""
+    if value.find(b"\\") >= 0:
+        return _split_top(value, _COMMA)[1]
+    quotes = value.count(b'"')
+    if quotes == 2:
+        # The usual display name: check what follows the quoted string, then what precedes it.
+        opening = value.find(b'"')
+        closing = value.find(b'"', opening + 1)
+        lt = value.rfind(b"<", closing)
+        gt = value.rfind(b">", closing)
+        if lt == gt:
+            lt = value.rfind(b"<", 0, opening)
+            gt = value.rfind(b">", 0, opening)
+        return lt <= gt
+    if quotes:
+        segments = value.split(b'"')
+        if not len(segments) % 2:
+            return False  # an odd number of quotes: the last quoted string never closes
+        outside = segments[::2]
+    else:
+        outside = [value]
+    for segment in reversed(outside):
+        lt = segment.rfind(b"<")
+        gt = segment.rfind(b">")
+        if lt != gt:
+            return gt > lt
+    return True
 
 
 def _name_addr_uri(value: bytes) -> tuple[bytes | None, bool]:
@@ -349,7 +388,10 @@ def _decode_user(raw: bytes | None) -> str | None:
     """
     if not raw:
         return None
-    return readable(unquote_to_bytes(raw[:MAX_FIELD_BYTES])) or None
+    raw = raw[:MAX_FIELD_BYTES]
+    if raw.find(b"%") >= 0:
+        raw = unquote_to_bytes(raw)
+    return raw.decode("utf-8", "backslashreplace") or None
 
 
 def _unquote(value: bytes) -> bytes:
@@ -369,6 +411,21 @@ def _params(value: bytes) -> list[tuple[bytes, bytes]]:
         name, _, val = piece.partition(b"=")
         out.append((name.strip(_WSP).lower(), _unquote(val.strip(_WSP))))
     return out
+
+
+def _via_branch(via: bytes) -> bytes | None:
+    """The first ``branch`` parameter of a Via value (RFC 3261 §20.42), as :func:`_params`
+    gives it (stripped, unquoted), or ``None``."""
+    if via.find(b'"') >= 0 or via.find(b"<") >= 0 or via.find(b">") >= 0:
+        for name, val in _params(via):
+            if name == b"branch":
+                return val
+        return None
+    for piece in via.split(b";")[1:]:
+        name, _, val = piece.partition(b"=")
+        if name.strip(_WSP).lower() == b"branch":
+            return _unquote(val.strip(_WSP))
+    return None
 
 
 def _digest_credentials(value: bytes) -> tuple[bytes | None, bytes | None, bool]:
@@ -403,7 +460,22 @@ def _field(value: bytes | None) -> str | None:
     """An extracted single value as readable text, cut to :data:`MAX_FIELD_BYTES`; blank is None."""
     if not value:
         return None
-    return readable(value[:MAX_FIELD_BYTES])
+    return value[:MAX_FIELD_BYTES].decode("utf-8", "backslashreplace")
+
+
+def _header_texts(fields: list[tuple[str, bytes]]) -> tuple[tuple[str, str], ...]:
+    """:attr:`SIPMessage.headers`: the fields with their values made readable text.
+
+    Values never hold a LF (lines were split on it), so an all-ASCII set of values is decoded
+    in one call on the values joined by LF, then split again.
+    """
+    if not fields:
+        return ()
+    names, values = zip(*fields, strict=True)
+    joined = b"\n".join(values)
+    if joined.isascii() and joined.count(b"\n") == len(values) - 1:
+        return tuple(zip(names, joined.decode("ascii").split("\n"), strict=True))
+    return tuple([(key, value.decode("utf-8", "backslashreplace")) for key, value in fields])
 
 
 def _long_name(name: str) -> str:
@@ -425,6 +497,69 @@ class _Problems:
             self.items[reason] = None
 
 
+#: Raw header names seen before (exact bytes, as they arrive) mapped to their long lower-case
+#: name: most messages repeat the same dozen spellings, so a hit skips the token check, decoding
+#: and lower-casing. Bounded in entries and in name length, since names come from attackers.
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 2048
+_NAME_CACHE_MAX_LEN = 64
+
+
+def _header_name(raw: bytes) -> str | None:
+    """Lower-case long name of the raw header name *raw*, or ``None`` when it is not a token."""
+    name = _NAME_CACHE.get(raw)
+    if name is not None:
+        return name
+    if not _is_token(raw):
+        return None
+    name = _long_name(raw.decode("ascii"))
+    if len(_NAME_CACHE) < _NAME_CACHE_MAX and len(raw) <= _NAME_CACHE_MAX_LEN:
+        _NAME_CACHE[raw] = name
+    return name
+
+
+def _header_lines(data: bytes, pos: int) -> tuple[list[bytes | None], int, bool]:
+    """The header lines from *pos* up to the first empty line, without their line ends.
+
+    ``data[pos - 1]`` is the start line's LF, so the empty line is the first LF followed by LF or
+    CR LF at or after ``pos - 1``. When the last header line has no line end (no empty line and
+    no final LF), a ``None`` is put before it: the problem is recorded when the scan reaches it.
+
+    :returns: ``(lines, body_start, complete)``; *complete* is false when there is that ``None``.
+    """
+    n = len(data)
+    crlf = data.find(b"\n\r\n", pos - 1)
+    if crlf >= 0:
+        lf = data.find(b"\n\n", pos - 1, crlf + 2)
+        end, body_start = (crlf, crlf + 3) if lf < 0 else (lf, lf + 2)
+    else:
+        end = data.find(b"\n\n", pos - 1)
+        body_start = n if end < 0 else end + 2
+    if end >= 0:
+        block = data[pos:end]
+        if not block:
+            return [], body_start, True
+        if block[-1] == _CR:
+            # The usual case: every line ends with CR LF and holds no other CR or LF.
+            lines = block[:-1].split(b"\r\n")
+            if block.count(b"\r") == len(lines) and block.count(b"\n") == len(lines) - 1:
+                return lines, body_start, True
+        raw_lines = block.split(b"\n")
+        last: bytes | None = None
+    else:
+        raw_lines = data[pos:].split(b"\n")
+        last = raw_lines.pop()
+        if last == b"\r":
+            last = None
+    lines: list[bytes | None] = [line[:-1] if line[-1:] == b"\r" else line for line in raw_lines]
+    if last:
+        # RFC 3261 §7.3: every header line ends with CRLF; the last one was cut.
+        lines.append(None)
+        lines.append(last[:-1] if last[-1:] == b"\r" else last)
+        return lines, body_start, False
+    return lines, body_start, True
+
+
 def _scan_headers(
     data: bytes, pos: int, problems: _Problems
 ) -> tuple[list[tuple[str, bytes]], list[bytes], int]:
@@ -436,57 +571,84 @@ def _scan_headers(
     Header names are matched case-insensitively and compact forms expanded (§7.3.3).
 
     :param data: the whole message (bytes).
-    :param pos: offset of the line after the start line.
+    :param pos: offset of the line after the start line (``data[pos - 1]`` is its LF).
     :param problems: collects grammar deviations.
     :returns: ``(fields, content_length_values, body_start)``: at most :data:`MAX_HEADERS`
         ``(long_name, raw_value)`` pairs in arrival order, every Content-Length value (even past
         the header limit), and the offset of the first body byte (``len(data)`` when the message
         has no empty line).
     """
+    if pos >= len(data):
+        return [], [], len(data)
+    lines, body_start, complete = _header_lines(data, pos)
+    if complete and len(lines) <= MAX_HEADERS:
+        known = _known_fields(lines)
+        if known is not None:
+            return known[0], known[1], body_start
+    fields, cl_values = _read_fields(lines, problems)
+    return fields, cl_values, body_start
+
+
+def _known_fields(lines: list[bytes]) -> tuple[list[tuple[str, bytes]], list[bytes]] | None:
+    """The fields of the usual header block, where every line is ``known-name: value``.
+
+    :returns: what :func:`_read_fields` returns for *lines* (which then records no problem), or
+        ``None`` when a line has no colon, is a continuation line, or has a name not seen before,
+        not a token, or with white space before the colon (none of those is a cached name).
+    """
     fields: list[tuple[str, bytes]] = []
     cl_values: list[bytes] = []
-    n = len(data)
-    body_start = n
-    name: str | None = None
-    parts: list[bytes] = []
-    too_many = False
-    skipping = False
-
-    def finish() -> None:
-        nonlocal too_many
-        if name is None:
-            return
-        value = b" ".join(p for p in parts if p)
+    cache_get = _NAME_CACHE.get
+    wsp = _WSP
+    append = fields.append
+    for line in lines:
+        raw_name, colon, value = line.partition(b":")
+        name = cache_get(raw_name)
+        if name is None or not colon:
+            return None
+        value = value.strip(wsp)
+        append((name, value))
         if name == "content-length" and len(cl_values) < 8:
             cl_values.append(value)
-        if len(fields) < MAX_HEADERS:
-            fields.append((name, value))
-        else:
-            too_many = True
+    return fields, cl_values
 
-    while pos < n:
-        lf = data.find(b"\n", pos)
-        if lf < 0:
-            line, pos = data[pos:], n
-            if line not in (b"", b"\r"):
-                problems.add("last header line has no line end")
-        else:
-            line, pos = data[pos:lf], lf + 1
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            body_start = pos
-            break
+
+def _read_fields(
+    lines: list[bytes | None], problems: _Problems
+) -> tuple[list[tuple[str, bytes]], list[bytes]]:
+    """The general reading of header lines (see :func:`_scan_headers`): folding, bad lines and
+    the header limit, each deviation recorded in *problems*.
+
+    :param lines: from :func:`_header_lines` (a ``None`` marks a last line without line end).
+    :returns: ``(fields, content_length_values)``.
+    """
+    fields: list[tuple[str, bytes]] = []
+    cl_values: list[bytes] = []
+    cache_get = _NAME_CACHE.get
+    wsp = _WSP
+    # The field that continuation lines extend: its name (None when there is none), value so
+    # far, its index in fields and in cl_values (-1 when not stored there).
+    cur_name: str | None = None
+    cur_value = b""
+    cur_parts: list[bytes] | None = None
+    cur_index = cur_cl = -1
+    too_many = skipping = False
+    for line in lines:
+        if line is None:
+            problems.add("last header line has no line end")
+            continue
         first = line[0]
-        if first in (_SP, _HT):
-            if name is not None:
-                parts.append(line.strip(_WSP))
+        if first == _SP or first == _HT:
+            if cur_name is not None:
+                if cur_parts is None:
+                    cur_parts = [cur_value]
+                cur_parts.append(line.strip(wsp))
             elif not skipping:
                 problems.add("continuation line without a header")
             continue
-        finish()
-        name = None
-        parts = []
+        if cur_parts is not None:
+            _unfold(fields, cl_values, cur_name, cur_parts, cur_index, cur_cl)
+        cur_name = cur_parts = None
         if len(fields) >= MAX_HEADERS and first not in _CL_INITIALS:
             # Past the limit only Content-Length still matters: skip other fields cheaply.
             too_many = skipping = True
@@ -496,22 +658,54 @@ def _scan_headers(
         if colon < 0:
             problems.add("header line without a colon")
             continue
-        raw_name = line[:colon].rstrip(_WSP)
-        if not _is_token(raw_name):
-            problems.add("invalid header name")
-            continue
-        name = _long_name(raw_name.decode("ascii"))
-        parts = [line[colon + 1 :].strip(_WSP)]
-    finish()
+        name = cache_get(line[:colon])
+        if name is None:
+            name = _header_name(line[:colon].rstrip(wsp))
+            if name is None:
+                problems.add("invalid header name")
+                continue
+        cur_name = name
+        cur_value = line[colon + 1 :].strip(wsp)
+        cur_cl = -1
+        if name == "content-length" and len(cl_values) < 8:
+            cur_cl = len(cl_values)
+            cl_values.append(cur_value)
+        if len(fields) < MAX_HEADERS:
+            cur_index = len(fields)
+            fields.append((name, cur_value))
+        else:
+            cur_index = -1
+            too_many = True
+    if cur_parts is not None:
+        _unfold(fields, cl_values, cur_name, cur_parts, cur_index, cur_cl)
     if too_many:
         problems.add("too many headers")
-    return fields, cl_values, body_start
+    return fields, cl_values
+
+
+def _unfold(
+    fields: list[tuple[str, bytes]],
+    cl_values: list[bytes],
+    name: str,
+    parts: list[bytes],
+    index: int,
+    cl_index: int,
+) -> None:
+    """Replace the value of a folded field by its unfolded form (RFC 3261 §7.3.1: the stripped
+    pieces joined by one SP) where it was stored: ``fields[index]``, ``cl_values[cl_index]``."""
+    value = b" ".join([p for p in parts if p])
+    if index >= 0:
+        fields[index] = (name, value)
+    if cl_index >= 0:
+        cl_values[cl_index] = value
 
 
 def _content_length(values: list[bytes]) -> tuple[str, int | None]:
     """Judge the Content-Length values of one message (RFC 3261 §20.14: ``1*DIGIT``)."""
     if not values:
         return CL_ABSENT, None
+    if len(values) == 1 and len(values[0]) <= MAX_CONTENT_LENGTH_DIGITS and values[0].isdigit():
+        return CL_VALID, int(values[0])
     seen = set()
     for value in values:
         if not value.isdigit():
@@ -544,14 +738,23 @@ def content_length_info(header_block: bytes) -> tuple[str, int | None]:
     return _content_length(values)
 
 
-@dataclass(frozen=True, slots=True)
-class SIPMessage:
-    """One parsed SIP request or response (RFC 3261 §7).
+class SIPMessage(NamedTuple):
+    """One parsed SIP request or response (RFC 3261 §7); immutable.
+
+    A named tuple rather than a frozen dataclass: :func:`parse_message` builds one per packet, and
+    a tuple is built in one C call where a frozen dataclass sets its fields one by one. Assigning
+    to a field raises :class:`dataclasses.FrozenInstanceError`, as before.
 
     Every ``str`` field is readable text made from the received bytes with
     :func:`sentrypeer.events.readable` (UTF-8, undecodable bytes as ``\\xNN``, NUL kept). Single
     extracted fields are cut to :data:`MAX_FIELD_BYTES` bytes; :attr:`headers` keeps whole values.
     A field is ``None`` when absent (and, for the single-value header fields, when blank).
+
+    The fields recording an event needs are decoded by :func:`parse_message`; the others
+    (:attr:`request_uri`, :attr:`version`, :attr:`reason`, :attr:`headers`, :attr:`from_`,
+    :attr:`to`, :attr:`contact`, :attr:`cseq`, :attr:`cseq_method`, :attr:`vias`) are properties
+    decoded from the received bytes when first read (responsive mode reads them; passive mode never
+    does), kept in :attr:`raw` with those bytes.
 
     :ivar headers: ``(lower-case long name, value)`` pairs in arrival order, at most
         :data:`MAX_HEADERS`; compact forms expanded, folding undone, values stripped.
@@ -567,33 +770,88 @@ class SIPMessage:
         (RFC 3261 §8.1.1.5).
     :ivar max_forwards: Max-Forwards, ``None`` when unparsable or above 255 (RFC 3261 §20.22).
     :ivar vias: every Via value split on top-level commas, in order (at most :data:`MAX_VIAS`).
+    :ivar raw: internal: the raw bytes of the lazily decoded fields, and those decoded so far.
     """
 
     is_request: bool
     method: str | None
-    request_uri: str | None
-    version: str
     status_code: int | None
-    reason: str | None
-    headers: tuple[tuple[str, str], ...]
     body: bytes
     content_length: int | None
     parse_status: str
     problems: tuple[str, ...]
     called_number: str | None
     user_agent: str | None
-    from_: str | None
-    to: str | None
     call_id: str | None
-    contact: str | None
-    cseq: str | None
     cseq_number: int | None
-    cseq_method: str | None
-    vias: tuple[str, ...]
     top_via_branch: str | None
     max_forwards: int | None
     auth_username: str | None
     auth_realm: str | None
+    raw: dict
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def _decoded(self, name: str, decode: Callable[[Any], Any]) -> Any:
+        raw = self.raw
+        try:
+            return raw[name]
+        except KeyError:
+            value = raw[name] = decode(raw)
+            return value
+
+    @property
+    def request_uri(self) -> str | None:
+        """The Request-URI (requests), cut to :data:`MAX_FIELD_BYTES`."""
+        return self._decoded("request_uri", lambda raw: _text(raw["b_uri"], MAX_FIELD_BYTES))
+
+    @property
+    def version(self) -> str:
+        """The SIP-Version of the start line, as received."""
+        return self._decoded("version", lambda raw: _text(raw["b_version"], MAX_FIELD_BYTES))
+
+    @property
+    def reason(self) -> str | None:
+        """The Reason-Phrase (responses)."""
+        return self._decoded("reason", lambda raw: _text(raw["b_reason"], MAX_FIELD_BYTES))
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """``(lower-case long name, value)`` pairs in arrival order (see the class docstring)."""
+        return self._decoded("headers", lambda raw: _header_texts(raw["fields"]))
+
+    @property
+    def from_(self) -> str | None:
+        """The first From value."""
+        return self._decoded("from_", lambda raw: _field(raw["first"].get("from")))
+
+    @property
+    def to(self) -> str | None:
+        """The first To value."""
+        return self._decoded("to", lambda raw: _field(raw["first"].get("to")))
+
+    @property
+    def contact(self) -> str | None:
+        """The first Contact value."""
+        return self._decoded("contact", lambda raw: _field(raw["first"].get("contact")))
+
+    @property
+    def cseq(self) -> str | None:
+        """The first CSeq value, whole."""
+        return self._decoded("cseq", lambda raw: _field(raw["first"].get("cseq")))
+
+    @property
+    def cseq_method(self) -> str | None:
+        """The method of the CSeq (its second word)."""
+        return self._decoded("cseq_method", lambda raw: _text(raw["b_cseq_method"]))
+
+    @property
+    def vias(self) -> tuple[str, ...]:
+        """Every Via value (see the class docstring)."""
+        return self._decoded(
+            "vias", lambda raw: tuple([v.decode("utf-8", "backslashreplace") for v in raw["b_vias"]])
+        )
 
     def header(self, name: str) -> str | None:
         """First value of header *name* (case-insensitive; compact forms accepted), or ``None``."""
@@ -607,6 +865,13 @@ class SIPMessage:
         """Every value of header *name* (case-insensitive; compact forms accepted), in order."""
         wanted = _long_name(name)
         return [value for key, value in self.headers if key == wanted]
+
+
+def _text(value: bytes | None, limit: int | None = None) -> str | None:
+    """*value* (cut to *limit* bytes) as readable text, ``None`` staying ``None``."""
+    if value is None:
+        return None
+    return value[:limit].decode("utf-8", "backslashreplace")
 
 
 def _valid_version(version: bytes) -> bool:
@@ -630,7 +895,7 @@ def _parse_request_line(line: bytes, problems: _Problems) -> tuple[bytes, bytes,
     uri = rest[:last].strip(_WSP)
     if method + b" " + uri + b" " + version != line:
         problems.add("extra white space in the request line")
-    if b" " in uri or b"\t" in uri:
+    if uri.find(b" ") >= 0 or uri.find(b"\t") >= 0:
         problems.add("white space inside the Request-URI")
     if not _valid_version(version):
         problems.add("bad SIP version")
@@ -638,7 +903,7 @@ def _parse_request_line(line: bytes, problems: _Problems) -> tuple[bytes, bytes,
         problems.add("unsupported SIP version")
     if uri[:1] == b"<":
         problems.add("Request-URI in angle brackets")
-    elif b":" not in uri:
+    elif uri.find(b":") < 0:
         problems.add("Request-URI without a scheme")
     return method, uri, version
 
@@ -664,16 +929,20 @@ def _parse_status_line(line: bytes, problems: _Problems) -> tuple[bytes, int | N
     return version, code, (reason if sp2 else None)
 
 
-def _first(fields: list[tuple[str, bytes]], name: str) -> bytes | None:
-    for key, value in fields:
-        if key == name:
-            return value
-    return None
+_new_message = tuple.__new__
 
-
-_STRUCTURED = frozenset(
-    ("to", "from", "contact", "route", "record-route", "reply-to", "refer-to", "referred-by")
-)
+#: Fields :func:`parse_message` looks at beyond the first value: name-addr fields whose quotes
+#: and angle brackets must balance, Via, and the digest credentials.
+_KIND_STRUCTURED, _KIND_VIA, _KIND_AUTH = 1, 2, 3
+_FIELD_KINDS = {
+    **dict.fromkeys(
+        ("to", "from", "contact", "route", "record-route", "reply-to", "refer-to", "referred-by"),
+        _KIND_STRUCTURED,
+    ),
+    "via": _KIND_VIA,
+    "authorization": _KIND_AUTH,
+    "proxy-authorization": _KIND_AUTH,
+}
 
 
 def parse_message(data: bytes) -> SIPMessage:
@@ -691,7 +960,7 @@ def parse_message(data: bytes) -> SIPMessage:
         (empty input, only line ends, HTTP, TLS, binary): a non-SIP probe.
     """
     data = bytes(data)
-    start = _LEADING_LINE_ENDS.match(data).end()
+    start = _LEADING_LINE_ENDS.match(data).end() if data[:1] in _LINE_END_BYTES else 0
     if start >= len(data):
         raise SIPParseError("empty" if not data else "only line ends (keep-alive)")
     problems = _Problems()
@@ -703,17 +972,31 @@ def parse_message(data: bytes) -> SIPMessage:
         line, after = data[start:lf], lf + 1
     if line.endswith(b"\r"):
         line = line[:-1]
-    kind = start_line_kind(line)
-    if kind == NON_SIP:
-        raise SIPParseError("first line is not a SIP request or status line")
-
     method = uri = None
     code = None
     reason = None
-    if kind == REQUEST:
-        method, uri, version = _parse_request_line(line, problems)
+    parts = line.split(b" ")
+    if (
+        len(parts) == 3
+        and parts[2] == b"SIP/2.0"
+        and parts[0]
+        and not parts[0].translate(None, _TOKEN_CHARS)
+        and line.find(b"\t") < 0
+        and parts[1].find(b":") >= 0
+        and parts[1][:1] != b"<"
+    ):
+        # The usual request line, "token SP scheme:... SP SIP/2.0": nothing for
+        # _parse_request_line to object to.
+        kind = REQUEST
+        method, uri, version = parts
     else:
-        version, code, reason = _parse_status_line(line, problems)
+        kind = start_line_kind(line)
+        if kind == NON_SIP:
+            raise SIPParseError("first line is not a SIP request or status line")
+        if kind == REQUEST:
+            method, uri, version = _parse_request_line(line, problems)
+        else:
+            version, code, reason = _parse_status_line(line, problems)
 
     fields, cl_values, body_start = _scan_headers(data, after, problems)
 
@@ -731,15 +1014,31 @@ def parse_message(data: bytes) -> SIPMessage:
     elif cl_kind == CL_OVERLARGE:
         problems.add("Content-Length larger than the body")
 
+    # One pass over the fields for what the checks below need, in arrival order; then the
+    # problems are recorded in the same order as ever: structure, Via, CSeq, Max-Forwards, auth.
+    unbalanced: list[str] = []
+    via_values: list[bytes] = []
+    auth_values: list[tuple[str, bytes]] = []
+    kinds = _FIELD_KINDS
     for key, value in fields:
-        if key in _STRUCTURED and not _split_top(value[:MAX_FIELD_BYTES], _COMMA)[1]:
-            problems.add("unterminated quoted string or <> in %s" % key)
+        field_kind = kinds.get(key)
+        if field_kind is None:
+            continue
+        if field_kind == _KIND_STRUCTURED:
+            if not _balanced(value[:MAX_FIELD_BYTES]):
+                unbalanced.append(key)
+        elif field_kind == _KIND_VIA:
+            via_values.append(value)
+        else:
+            auth_values.append((key, value))
+    # The first value of each field: later duplicates are overwritten by earlier ones.
+    first = dict(reversed(fields))
+    for key in unbalanced:
+        problems.add("unterminated quoted string or <> in %s" % key)
 
     # Via (RFC 3261 §20.42, §7.3.1: several values per line allowed).
     vias: list[bytes] = []
-    for key, value in fields:
-        if key != "via":
-            continue
+    for value in via_values:
         pieces, balanced = _split_top(value[:MAX_FIELD_BYTES], _COMMA)
         if not balanced:
             problems.add("unterminated quoted string or <> in via")
@@ -751,15 +1050,10 @@ def parse_message(data: bytes) -> SIPMessage:
                 vias.append(piece)
             else:
                 problems.add("too many Via values")
-    branch = None
-    if vias:
-        for name, val in _params(vias[0]):
-            if name == b"branch":
-                branch = val
-                break
+    branch = _via_branch(vias[0]) if vias else None
 
     # CSeq (RFC 3261 §20.16, §8.1.1.5).
-    cseq_raw = _first(fields, "cseq")
+    cseq_raw = first.get("cseq")
     cseq_number = cseq_method = None
     if cseq_raw is not None:
         parts = cseq_raw[:MAX_FIELD_BYTES].split()
@@ -782,7 +1076,7 @@ def parse_message(data: bytes) -> SIPMessage:
 
     # Max-Forwards (RFC 3261 §20.22: 1*DIGIT; RFC 4475 §3.1.2.4 treats values above 255 as bad).
     max_forwards = None
-    mf_raw = _first(fields, "max-forwards")
+    mf_raw = first.get("max-forwards")
     if mf_raw is not None:
         digits = (mf_raw.lstrip(b"0") or b"0") if mf_raw.isdigit() else b""
         if digits and len(digits) <= 3 and int(digits) <= 255:
@@ -792,18 +1086,17 @@ def parse_message(data: bytes) -> SIPMessage:
 
     # Authorization / Proxy-Authorization digest credentials (RFC 3261 §22.4).
     auth_username = auth_realm = None
-    for key, value in fields:
-        if key in ("authorization", "proxy-authorization"):
-            user_b, realm_b, balanced = _digest_credentials(value[:MAX_FIELD_BYTES])
-            if not balanced:
-                problems.add("unterminated quoted string in %s" % key)
-            if user_b is not None or realm_b is not None:
-                auth_username = _field(user_b)
-                auth_realm = _field(realm_b)
-                break
+    for key, value in auth_values:
+        user_b, realm_b, balanced = _digest_credentials(value[:MAX_FIELD_BYTES])
+        if not balanced:
+            problems.add("unterminated quoted string in %s" % key)
+        if user_b is not None or realm_b is not None:
+            auth_username = _field(user_b)
+            auth_realm = _field(realm_b)
+            break
 
     # called_number (interface.md §3).
-    to_raw = _first(fields, "to")
+    to_raw = first.get("to")
     called = None
     if uri is not None:
         called = _decode_user(_uri_user(uri[:MAX_FIELD_BYTES]))
@@ -812,30 +1105,32 @@ def parse_message(data: bytes) -> SIPMessage:
         if to_uri is not None:
             called = _decode_user(_uri_user(to_uri))
 
-    return SIPMessage(
-        is_request=kind == REQUEST,
-        method=readable(method) if method is not None else None,
-        request_uri=readable(uri[:MAX_FIELD_BYTES]) if uri is not None else None,
-        version=readable(version[:MAX_FIELD_BYTES]),
-        status_code=code,
-        reason=readable(reason[:MAX_FIELD_BYTES]) if reason is not None else None,
-        headers=tuple((key, readable(value)) for key, value in fields),
-        body=body,
-        content_length=content_length,
-        parse_status=PARSE_MALFORMED if problems.items else PARSE_OK,
-        problems=tuple(problems.items),
-        called_number=called,
-        user_agent=_field(_first(fields, "user-agent")),
-        from_=_field(_first(fields, "from")),
-        to=_field(to_raw),
-        call_id=_field(_first(fields, "call-id")),
-        contact=_field(_first(fields, "contact")),
-        cseq=_field(cseq_raw),
-        cseq_number=cseq_number,
-        cseq_method=readable(cseq_method) if cseq_method is not None else None,
-        vias=tuple(readable(v) for v in vias),
-        top_via_branch=_field(branch),
-        max_forwards=max_forwards,
-        auth_username=auth_username,
-        auth_realm=auth_realm,
+    return _new_message(
+        SIPMessage,
+        (
+            kind == REQUEST,  # is_request
+            None if method is None else method.decode("utf-8", "backslashreplace"),  # method
+            code,  # status_code
+            body,  # body
+            content_length,  # content_length
+            PARSE_MALFORMED if problems.items else PARSE_OK,  # parse_status
+            tuple(problems.items),  # problems
+            called,  # called_number
+            _field(first.get("user-agent")),  # user_agent
+            _field(first.get("call-id")),  # call_id
+            cseq_number,  # cseq_number
+            _field(branch),  # top_via_branch
+            max_forwards,  # max_forwards
+            auth_username,  # auth_username
+            auth_realm,  # auth_realm
+            {  # raw
+                "b_uri": uri,
+                "b_version": version,
+                "b_reason": reason,
+                "fields": fields,
+                "first": first,
+                "b_cseq_method": cseq_method,
+                "b_vias": vias,
+            },
+        ),
     )

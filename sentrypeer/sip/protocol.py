@@ -22,7 +22,7 @@ import socket
 import struct
 
 from OpenSSL import SSL
-from twisted.internet import udp
+from twisted.internet import task, udp
 from twisted.internet.protocol import DatagramProtocol, Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -44,6 +44,7 @@ PONG_BURST = 5
 PONG_RATE = 1.0
 
 _connection_ids = itertools.count(1)
+_LINE_END_VALUES = (0x0D, 0x0A)
 
 
 def message_deadline(idle_timeout: float) -> float:
@@ -51,8 +52,12 @@ def message_deadline(idle_timeout: float) -> float:
     at least 10 s (60 s with the default ``--tcp-idle-timeout`` of 30 s)."""
     return max(10.0, 2 * idle_timeout)
 
-# Linux values; Python 3.11's socket module lacks IP_PKTINFO.
+# Linux values; Python 3.11's socket module lacks IP_PKTINFO and SO_MEMINFO.
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_SK_MEMINFO_DROPS = 8  # index of the drop count in the SO_MEMINFO array (linux/sock_diag.h)
+#: Seconds between two reads of a UDP socket's kernel drop count.
+KERNEL_DROPS_INTERVAL = 1.0
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 _CMSG_SPACE = 256
@@ -131,22 +136,80 @@ class PacketInfoUDPPort(udp.Port):
             skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         return skt
 
+    #: Bytes read per ``doRead`` before the reactor serves other connections (Twisted's default is
+    #: 256 KB, some 600 probes: tens of milliseconds of work during a flood, which the API and TCP
+    #: clients would wait through).
+    maxThroughput = 64 * 1024
+    #: Datagrams the kernel dropped on this socket because its receive buffer was full (Linux
+    #: ``SO_MEMINFO``), as of the last :meth:`count_kernel_drops`.
+    kernel_drops = 0
+    _drops_call: task.LoopingCall | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        #: packet-info control data -> the local address it names (bounded: 256 addresses).
+        self._cmsg_cache: dict[bytes, str] = {}
+
+    def startListening(self) -> None:
+        super().startListening()
+        self._drops_call = task.LoopingCall(self.count_kernel_drops)
+        self._drops_call.clock = self.reactor
+        self._drops_call.start(KERNEL_DROPS_INTERVAL, now=False)
+
+    def connectionLost(self, reason=None) -> None:
+        if self._drops_call is not None and self._drops_call.running:
+            self._drops_call.stop()
+        self._drops_call = None
+        self.count_kernel_drops()
+        super().connectionLost(reason)
+
+    def count_kernel_drops(self) -> None:
+        """Add the datagrams the kernel dropped since the last call to the protocol's
+        ``stats.kernel_drops`` (the running total is read with ``SO_MEMINFO``, Linux only)."""
+        skt = getattr(self, "socket", None)
+        if skt is None:
+            return
+        try:
+            info = skt.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (_SK_MEMINFO_DROPS + 1))
+        except OSError:
+            return
+        if len(info) < 4 * (_SK_MEMINFO_DROPS + 1):
+            return
+        total = struct.unpack_from("=I", info, 4 * _SK_MEMINFO_DROPS)[0]
+        new = (total - self.kernel_drops) & 0xFFFFFFFF  # a 32-bit counter that wraps
+        if new:
+            self.kernel_drops = total
+            stats = getattr(self.protocol, "stats", None)
+            if stats is not None:
+                stats.kernel_drops += new
+
     def doRead(self) -> None:
         read = 0
         local_port = self._realPortNumber
+        interface = self.interface
+        recvmsg = self.socket.recvmsg
+        packet_received = self.protocol.packetReceived
+        cmsg_cache = self._cmsg_cache
         while read < self.maxThroughput:
             try:
-                data, ancdata, flags, addr = self.socket.recvmsg(self.maxPacketSize, _CMSG_SPACE)
+                data, ancdata, flags, addr = recvmsg(self.maxPacketSize, _CMSG_SPACE)
             except OSError as se:
                 if se.args[0] in udp._sockErrReadIgnore or se.args[0] in udp._sockErrReadRefuse:
                     return
                 _log.failure("UDP receive error on port {port}", port=local_port)
                 return
             read += len(data)
-            source = addr[:2]
-            local = _address_from_cmsg(ancdata) or self.interface
+            local = None
+            if ancdata:
+                # The packet-info bytes repeat for every datagram sent to one local address.
+                cdata = ancdata[0][2]
+                local = cmsg_cache.get(cdata)
+                if local is None:
+                    local = _address_from_cmsg(ancdata)
+                    if len(ancdata) == 1 and local is not None and len(cmsg_cache) < 256:
+                        cmsg_cache[cdata] = local
             try:
-                self.protocol.packetReceived(data, source, (local, local_port))
+                packet_received(data, addr if len(addr) == 2 else addr[:2], (local or interface, local_port))
             except Exception:
                 _log.failure("unexpected error handling a UDP datagram")
 
@@ -161,6 +224,11 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     def __init__(self, controller) -> None:
         self.controller = controller
+
+    @property
+    def stats(self):
+        """The controller's :class:`~sentrypeer.stats.SIPStats` (the port adds kernel drops)."""
+        return self.controller.stats
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         """Entry point when the transport gives no packet info (plain ports, test fakes): the
@@ -177,16 +245,19 @@ class SIPDatagramProtocol(DatagramProtocol):
         :param source: ``(host, port)`` of the sender.
         :param destination: ``(host, port)`` the datagram was addressed to.
         """
-        stats = self.controller.stats
+        controller = self.controller
+        stats = controller.stats
         stats.datagrams += 1
-        if not data.strip(b"\r\n"):
+        if not data or (data[0] in _LINE_END_VALUES and not data.strip(b"\r\n")):
             stats.keepalives += 1
             return
+        # A reply function only when something may reply (responsive mode): passive mode records
+        # thousands of packets a second and answers none.
+        reply = None
+        if controller.responder is not None:
+            reply = functools.partial(self._reply, to=source, local=destination[0])
         try:
-            self.controller.message_received(
-                data, "UDP", source, destination,
-                reply=lambda out: self._reply(out, source, destination[0]),
-            )
+            controller.message_received(data, "UDP", source, destination, reply=reply)
         except Exception:
             stats.internal_errors += 1
             _log.failure("unexpected error recording a UDP datagram")
