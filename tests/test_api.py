@@ -257,21 +257,31 @@ class ListQueryTests(SynchronousTestCase):
         self.assertRaises(ValueError, api_queries.find_called_number, self.cursor, "NOT_FOUND")
 
     def test_queries_use_indexes(self):
-        """Every API query can use ``source_ip_index`` or ``called_number_index``: an indexed
-        search, never a full table scan."""
+        """Every API query reads the summary tables, never ``honey``: look-ups are primary-key
+        searches, list pages walk the covering ``seen_last`` index (no sort step)."""
         statements = []
         self.conn.set_trace_callback(statements.append)
         cursor = self.conn.cursor()
         api_queries.list_ip_addresses(cursor, 1, 1)
         api_queries.list_called_numbers(cursor, 1, 1)
+        api_queries.list_body(cursor, "ip", 1, 1)
+        api_queries.list_body(cursor, "number")
         api_queries.find_ip_address(cursor, ["192.0.2.1"])
         api_queries.find_called_number(cursor, "100")
         self.conn.set_trace_callback(None)
-        self.assertEqual(len(statements), 6)
+        statements = [s for s in statements if s not in ("BEGIN", "COMMIT")]  # list_body's snapshot
+        self.assertEqual(len(statements), 10)
         for statement in statements:
+            if "summary_state" in statement:  # list_body's total and needs_escape
+                self.assertRegex(statement, r"^SELECT \(SELECT count\(\*\) FROM (ip|number)_summary\)")
+                continue
             plan = " ".join(row[3] for row in self.conn.execute("EXPLAIN QUERY PLAN " + statement))
-            self.assertRegex(plan, r"SEARCH honey USING (COVERING )?INDEX (source_ip|called_number)_index")
-            self.assertNotIn("SCAN honey", plan)
+            self.assertNotIn("honey", plan)
+            self.assertNotIn("TEMP B-TREE", plan)
+            if "WHERE" in statement:
+                self.assertRegex(plan, r"SEARCH (ip|number)_summary USING PRIMARY KEY")
+            else:
+                self.assertRegex(plan, r"SCAN (ip|number)_summary USING COVERING INDEX \w+_seen_last_index")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +608,87 @@ class ResourceTests(SynchronousTestCase):
         ):
             self.assertEqual(self.render(database, path, method).responseCode, code, path)
         self.assertEqual(database.calls, 0)
+
+
+class ReadingDatabase(RecordingDatabase):
+    """A RecordingDatabase that also has ``run_read`` (like Database), recorded apart."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(conn)
+        self.reads = []
+
+    def run_read(self, fn, *args):
+        self.reads.append(fn)
+        return defer.maybeDeferred(fn, self.conn.cursor(), *args)
+
+
+class ListBodyTests(SynchronousTestCase):
+    """The list bodies written by SQLite (``api_queries.list_body``) are byte for byte what the
+    Python encoder gives for the same listing (issue 7)."""
+
+    def bodies(self, conn: sqlite3.Connection, what: str, limit=None, offset=0):
+        cursor = conn.cursor()
+        keys = api_queries.LIST_KEYS[what]
+        listing = (api_queries.list_ip_addresses if what == "ip" else api_queries.list_called_numbers)(
+            cursor, limit, offset
+        )
+        return api_queries.list_body(cursor, what, limit, offset), resources.encode_listing(listing, *keys)
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.one_of(st.sampled_from(["192.0.2.1", "2001:db8::1", "::ffff:1.2.3.4"]),
+                          st.text(max_size=12)),
+                st.one_of(st.sampled_from(["100", "+4420", "0046812"]), st.text(alphabet="+0123456789",
+                                                                                 max_size=34)),
+                st.integers(0, 40),
+            ),
+            max_size=25,
+        ),
+        st.one_of(st.none(), st.integers(0, 30)),
+        st.integers(0, 5),
+    )
+    def test_sql_body_equals_python(self, rows, limit, offset):
+        """For any stored addresses and numbers (control characters, quotes, backslashes,
+        non-ASCII and NULs included) and any page, list_body gives the Python encoder's bytes,
+        or None (then the resource encodes the page in Python) exactly when some stored address
+        needs escaping (``summary_state.needs_escape``; numbers and timestamps here are plain)."""
+        events = [make_event(n, ip, number, event_uuid=str(uuid.uuid4())) for ip, number, n in rows]
+        conn = fresh_connection(events)
+        for what in ("ip", "number"):
+            sql, python = self.bodies(conn, what, limit, offset)
+            escape = any(resources.json_line({"v": ip}) != b'{"v": "%s"}' % ip.encode()
+                         for ip, _, _ in rows)
+            if sql is None:
+                self.assertTrue(escape, rows)
+            else:
+                self.assertFalse(escape, rows)
+                self.assertEqual(sql, python)
+            self.assertEqual(json.loads(python), json.loads(
+                resources._ip_list_body(conn.cursor(), limit, offset) if what == "ip"
+                else resources._number_list_body(conn.cursor(), limit, offset)))
+
+    def test_seen_last_missing_or_empty(self):
+        """A summary without seen_last, or with an empty one, is NOT_FOUND in both encoders."""
+        conn = fresh_connection([make_event(1, "192.0.2.1", "100"), make_event(2, "192.0.2.2", "200")])
+        conn.execute("UPDATE ip_summary SET seen_last = NULL WHERE source_ip = '192.0.2.1'")
+        conn.execute("UPDATE ip_summary SET seen_last = '' WHERE source_ip = '192.0.2.2'")
+        sql, python = self.bodies(conn, "ip")
+        self.assertEqual(sql, python)
+        self.assertEqual(json.loads(sql)["ip_addresses"][0]["seen_last"], "NOT_FOUND")
+
+    def test_routes_prefer_run_read(self):
+        """With a database that has run_read (the reader connection), every data route reads
+        through it and none through run_query."""
+        database = ReadingDatabase(fresh_connection([make_event(1)]))
+        for path in (b"/ip-addresses", b"/numbers", b"/ip-addresses/203.0.113.7", b"/numbers/100"):
+            request = DummyRequest([b""])
+            request.path = path
+            resources.APIResource(database).render(request)
+            self.assertEqual(request.responseCode, 200, path)
+        self.assertEqual(len(database.reads), 4)
+        self.assertEqual(database.functions, [])
 
 
 class SiteObjectTests(SynchronousTestCase):

@@ -223,11 +223,15 @@ class MigrationTests(SynchronousTestCase):
         """An empty file gets the current schema and user_version; a second run changes nothing."""
         conn = sqlite3.connect(self.mktemp())
         self.addCleanup(conn.close)
-        self.assertEqual(queries.migrate(conn), (0, 1))
-        self.assertEqual(queries.user_version(conn), 1)
+        self.assertEqual(queries.migrate(conn), (0, 2))
+        self.assertEqual(queries.user_version(conn), 2)
         tables = set(table_layout(conn))
-        self.assertEqual(tables, {"honey", "honey_duplicate_uuid", "sentrypeer_node"})
-        self.assertEqual(queries.migrate(conn), (1, 1))
+        self.assertEqual(
+            tables,
+            {"honey", "honey_duplicate_uuid", "sentrypeer_node", "ip_summary", "number_summary",
+             "summary_state"},
+        )
+        self.assertEqual(queries.migrate(conn), (2, 2))
 
     def test_fresh_schema(self) -> None:
         """honey has the original's columns, types and order, then ours; the indexes are named."""
@@ -395,7 +399,7 @@ class MigrationTests(SynchronousTestCase):
         self.assertEqual(prepare_database(path), first)
         conn = sqlite3.connect(path)
         self.addCleanup(conn.close)
-        self.assertEqual(queries.migrate(conn), (1, 1))
+        self.assertEqual(queries.migrate(conn), (2, 2))
         self.assertEqual(conn.execute("SELECT * FROM honey ORDER BY honey_id").fetchall(), rows)
 
     def test_original_without_event_uuid_index(self) -> None:
@@ -458,18 +462,18 @@ class MigrationTests(SynchronousTestCase):
         self.assertNotIn("\n", message)
         self.assertIn(path, message)
         self.assertIn("7", message)
-        self.assertIn("(1)", message)
-        self.assertEqual((error.found, error.supported), (7, 1))
+        self.assertIn("(2)", message)
+        self.assertEqual((error.found, error.supported), (7, 2))
         self.assertEqual(file_digest(path), digest)
         self.assertFalse(os.path.exists(path + "-wal"))
 
     def test_migrate_refuses_newer(self) -> None:
         """migrate() itself refuses a newer schema and leaves no transaction open."""
         conn = sqlite3.connect(":memory:")
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute("PRAGMA user_version = 3")
         self.assertRaises(SchemaVersionError, queries.migrate, conn)
         self.assertFalse(conn.in_transaction)
-        self.assertEqual(queries.user_version(conn), 2)
+        self.assertEqual(queries.user_version(conn), 3)
 
     def test_migrate_restores_isolation_level(self) -> None:
         """The connection's isolation_level is as it was after migrate()."""
@@ -717,19 +721,25 @@ class SQLiteStore:
     def __init__(self) -> None:
         self.conn = fresh_connection()
         self.calls: list[list[BadActorEvent]] = []
+        #: The shed counts given with each call (None when there were none).
+        self.sheds: list[Any] = []
         #: Exceptions to raise on the next calls, in order.
         self.failures: list[Exception] = []
         self.always_fail: Exception | None = None
 
-    def insert_events(self, events: Any) -> Deferred[int]:
+    def insert_events(self, events: Any, shed: Any = None) -> Deferred[int]:
         self.calls.append(list(events))
+        self.sheds.append(shed)
         if self.always_fail is not None:
             return fail(self.always_fail)
         if self.failures:
             return fail(self.failures.pop(0))
         try:
             with self.conn:
-                return succeed(queries.insert_events(self.conn.cursor(), events))
+                inserted = queries.insert_events(self.conn.cursor(), events)
+                if shed is not None:
+                    queries.record_shed(self.conn.cursor(), shed.addresses, shed.numbers)
+                return succeed(inserted)
         except Exception as e:
             return fail(e)
 
@@ -744,7 +754,7 @@ class HeldStore:
     def __init__(self) -> None:
         self.calls: list[tuple[list[BadActorEvent], Deferred[int]]] = []
 
-    def insert_events(self, events: Any) -> Deferred[int]:
+    def insert_events(self, events: Any, shed: Any = None) -> Deferred[int]:
         d: Deferred[int] = Deferred()
         self.calls.append((list(events), d))
         return d
@@ -998,6 +1008,7 @@ class WriteQueueTests(SynchronousTestCase):
                 "written": 2,
                 "inserted": 1,
                 "dropped": 0,
+                "shed_overflow": 0,
                 "rejected": 0,
                 "write_errors": 0,
                 "batches": 1,
@@ -1260,3 +1271,187 @@ class RealDatabaseTests(TestCase):
         self.assertEqual(await service.prune(), 1)
         self.assertFalse(await self.database.event_uuid_exists(old.event_uuid))
         self.assertTrue(await self.database.event_uuid_exists(recent.event_uuid))
+
+
+class ReaderAndCheckpointTests(TestCase):
+    """The reader connection, the checkpointer and the writer's settings (issue 7)."""
+
+    def setUp(self) -> None:
+        self.path = self.mktemp()
+        prepare_database(self.path)
+        self.database = Database(self.path, global_reactor)
+        self.addCleanup(self.database.close)
+
+    async def test_run_read_is_read_only(self) -> None:
+        """run_read runs on its own connection, in another thread than the writer's, which sees
+        committed rows and refuses to write (PRAGMA query_only)."""
+        import threading
+
+        await self.database.start()
+        await self.database.insert_events([make_event(1)])
+
+        def where(cursor: Any) -> tuple[str, int]:
+            cursor.execute("SELECT count(*) FROM honey")
+            return threading.current_thread().name, cursor.fetchone()[0]
+
+        reader, rows = await self.database.run_read(where)
+        writer, _ = await self.database.run_query(where)
+        self.assertEqual(rows, 1)
+        self.assertNotEqual(reader, writer)
+
+        def write(cursor: Any) -> None:
+            cursor.execute("DELETE FROM honey")
+
+        with self.assertRaises(sqlite3.OperationalError):
+            await self.database.run_read(write)
+        self.assertEqual(await self.database.count_events(), 1)
+
+    async def test_writer_settings(self) -> None:
+        """The writer checkpoints only past WRITER_CHECKPOINT_PAGES (the checkpointer does it
+        every CHECKPOINT_INTERVAL) and has a page cache of WRITER_CACHE_KB."""
+        from sentrypeer.storage import database as database_module
+
+        await self.database.start()
+
+        def pragmas(cursor: Any) -> list[Any]:
+            return [cursor.execute(f"PRAGMA {name}").fetchone()[0]
+                    for name in ("wal_autocheckpoint", "cache_size")]
+
+        self.assertEqual(
+            await self.database.run_query(pragmas),
+            [database_module.WRITER_CHECKPOINT_PAGES, -database_module.WRITER_CACHE_KB],
+        )
+        call = self.database._checkpoint_call
+        self.assertTrue(call is not None and call.active())
+
+    async def test_checkpointer_empties_the_wal(self) -> None:
+        """A checkpoint copies every committed frame of the WAL into the database file."""
+        from sentrypeer.storage import database as database_module
+
+        await self.database.start()
+        await self.database.insert_events([make_event(i) for i in range(500)])
+        await self.database._checkpoint_pool.runInteraction(database_module._checkpoint)
+
+        def frames(cursor: Any) -> tuple[int, int]:
+            busy, log, checkpointed = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return log, checkpointed
+
+        log, checkpointed = await self.database.run_read(frames)
+        self.assertEqual(log, checkpointed)
+
+    async def test_close_stops_the_checkpointer(self) -> None:
+        """close() cancels the next checkpoint and closes the three pools."""
+        await self.database.start()
+        call = self.database._checkpoint_call
+        await self.database.close()
+        self.assertFalse(call.active())
+        self.assertIsNone(self.database._checkpoint_call)
+        self.failureResultOf(self.database.run_read(lambda c: None), StorageError)
+
+    async def test_shed_counts_through_the_database(self) -> None:
+        """insert_events(events, shed) stores the events and adds the shed probes to the
+        summaries in the same transaction."""
+        from sentrypeer.storage.database import Shed
+
+        await self.database.start()
+        stamp = make_event(9).event_timestamp
+        shed = Shed({"203.0.113.7": (4, stamp)}, {"100": (4, stamp), "NOT_FOUND": (2, stamp)})
+        self.assertEqual(await self.database.insert_events([make_event(1)], shed), 1)
+
+        def summaries(cursor: Any) -> list[Any]:
+            return [
+                cursor.execute("SELECT source_ip, seen_count, shed_count, seen_last FROM ip_summary")
+                .fetchall(),
+                cursor.execute("SELECT called_number, seen_count, shed_count FROM number_summary")
+                .fetchall(),
+            ]
+
+        self.assertEqual(
+            await self.database.run_read(summaries),
+            [[("203.0.113.7", 5, 4, stamp)], [("100", 5, 4)]],
+        )
+
+
+class BatchDelayTests(SynchronousTestCase):
+    """WriteQueue(batch_delay=...): a steady flow is written in batches of hundreds."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = HeldStore()
+        self.queue = WriteQueue(self.store, self.clock, batch_size=100, batch_delay=0.1)
+
+    def written(self, count: int = 1) -> None:
+        for events, d in self.store.calls[-count:]:
+            if not d.called:
+                d.callback(len(events))
+
+    def test_first_event_written_at_once(self) -> None:
+        """After a quiet time the first event is written at once; events arriving meanwhile wait
+        batch_delay after that batch, then go in one batch."""
+        self.queue.put(make_event(0))
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 1)
+        for i in range(1, 30):
+            self.queue.put(make_event(i))
+        self.written()
+        self.clock.advance(0.05)
+        self.assertEqual(len(self.store.calls), 1)
+        self.clock.advance(0.05)
+        self.assertEqual([len(events) for events, _ in self.store.calls], [1, 29])
+
+    def test_full_batch_not_delayed(self) -> None:
+        """When batch_size events are waiting, the next batch starts at once."""
+        self.queue.put(make_event(0))
+        self.clock.advance(0)
+        self.written()
+        for i in range(1, 101):
+            self.queue.put(make_event(i))
+        self.clock.advance(0)
+        self.assertEqual([len(events) for events, _ in self.store.calls], [1, 100])
+
+    def test_flush_not_delayed(self) -> None:
+        """flush() ends the delay: the waiting events are written at once."""
+        self.queue.put(make_event(0))
+        self.clock.advance(0)
+        self.queue.put(make_event(1))
+        self.written()
+        d = self.queue.flush()
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.calls), 2)
+        self.written()
+        self.successResultOf(d)
+
+    def test_service_default(self) -> None:
+        """DatabaseService gives its queue DEFAULT_BATCH_DELAY (WriteQueue alone: none)."""
+        from sentrypeer.storage.database import DEFAULT_BATCH_DELAY
+
+        service = DatabaseService("fake.db", reactor=self.clock, database=FakeDatabase())
+        self.assertEqual(service.queue.batch_delay, DEFAULT_BATCH_DELAY)
+        self.assertEqual(WriteQueue(self.store, self.clock).batch_delay, 0.0)
+
+
+class MultiRowInsertTests(SynchronousTestCase):
+    """insert_events writes a batch in a few multi-row statements."""
+
+    def test_chunk_sizes(self) -> None:
+        """Chunks are powers of two within MAX_PARAMETERS, adding up to the row count."""
+        for count in (1, 2, 3, 56, 57, 1000, 2000, 4097, 9999):
+            for width in (1, 4, 17):
+                sizes = list(queries._chunk_sizes(count, width))
+                self.assertEqual(sum(sizes), count)
+                for size in sizes:
+                    self.assertEqual(size & (size - 1), 0)
+                    self.assertLessEqual(size * width, queries.MAX_PARAMETERS)
+                self.assertLessEqual(len(sizes), 16)
+
+    @given(st.integers(1, 300), st.integers(0, 30))
+    def test_duplicates_across_chunks(self, count: int, repeats: int) -> None:
+        """Whatever the batch size and wherever duplicate event_uuids fall (in the same chunk or
+        another), each uuid is stored once and the count returned is the rows added."""
+        conn = fresh_connection()
+        events = [make_event(i) for i in range(count)]
+        events += [make_event(i) for i in range(min(repeats, count))]
+        with conn:
+            self.assertEqual(queries.insert_events(conn.cursor(), events), count)
+        self.assertEqual(queries.count_events(conn.cursor()), count)
+        conn.close()

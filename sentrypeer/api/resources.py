@@ -10,9 +10,11 @@ Every response, errors included, is written by :func:`send` and carries ``Conten
 ``X-SentryPeer-Version``, ``Access-Control-Allow-Origin: *`` and ``Content-Length``. ``HEAD`` gets
 the headers of ``GET`` without the body.
 
-Database reads go through ``database.run_query`` only (the database thread; the reactor never
-waits for SQLite), and the list bodies are JSON-encoded in that thread too, so a list of a
-million addresses does not stall SIP reception. Nothing is cached.
+Database reads go through ``database.run_read`` (the database's reader connection and thread; the
+reactor never waits for SQLite), or ``database.run_query`` for a database without a reader. The list
+bodies are read from the summary tables and written as JSON by SQLite itself in that thread
+(:func:`sentrypeer.storage.api_queries.list_body`), so a list of 100,000 numbers costs the reactor
+nothing but sending the bytes. Nothing is cached.
 """
 
 from __future__ import annotations
@@ -307,14 +309,20 @@ def encode_listing(listing: api_queries.Listing, total_key: str, list_key: str, 
 
 def _ip_list_body(cursor: Any, limit: int | None, offset: int) -> bytes:
     """``run_query`` function: the ``/ip-addresses`` body, queried and encoded in the DB thread."""
-    listing = api_queries.list_ip_addresses(cursor, limit, offset)
-    return encode_listing(listing, "ip_addresses_total", "ip_addresses", "ip_address")
+    body = api_queries.list_body(cursor, "ip", limit, offset)
+    if body is None:  # a value that JSON must escape: encode the page here
+        listing = api_queries.list_ip_addresses(cursor, limit, offset)
+        body = encode_listing(listing, *api_queries.LIST_KEYS["ip"])
+    return body
 
 
 def _number_list_body(cursor: Any, limit: int | None, offset: int) -> bytes:
     """``run_query`` function: the ``/numbers`` body, queried and encoded in the DB thread."""
-    listing = api_queries.list_called_numbers(cursor, limit, offset)
-    return encode_listing(listing, "called_numbers_total", "called_numbers", "called_number")
+    body = api_queries.list_body(cursor, "number", limit, offset)
+    if body is None:
+        listing = api_queries.list_called_numbers(cursor, limit, offset)
+        body = encode_listing(listing, *api_queries.LIST_KEYS["number"])
+    return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +499,10 @@ class APIResource(Resource):
                 return
             self._server_error(request, failure)
 
-        d = maybeDeferred(self.database.run_query, fn, *args)
+        # Reads go to the database's reader connection when it has one, so they never wait for
+        # (nor hold up) a batch of inserts.
+        run = getattr(self.database, "run_read", None) or self.database.run_query
+        d = maybeDeferred(run, fn, *args)
         d.addCallback(respond)
         d.addErrback(failed)
         d.addErrback(lambda f: log.failure("API: answering a request failed", f))

@@ -2,8 +2,10 @@
 
 - :func:`prepare_database`: synchronous, once at start-up before the reactor runs (WAL, schema
   migration, node id).
-- :class:`Database`: an ``adbapi`` pool of one SQLite connection; every method returns a Deferred.
-- :class:`WriteQueue`: the event pipeline's bounded, batching, never-blocking sink.
+- :class:`Database`: ``adbapi`` pools of one SQLite connection each (the writer, a reader for the
+  API, a checkpointer); every method returns a Deferred.
+- :class:`WriteQueue`: the event pipeline's bounded, batching, never-blocking sink, which sheds
+  events when full and still counts their probes in the summary tables.
 - :class:`DatabaseService`: owns both, flushes on stop, prunes old events (``--retention-days``).
 
 The original opened the file per operation, re-ran its DDL on every insert and wrote from several
@@ -38,6 +40,7 @@ from zope.interface import Interface, implementer
 
 from sentrypeer.events import BadActorEvent, format_timestamp, new_event_uuid
 from sentrypeer.storage import SchemaVersionError, StorageError, queries
+from sentrypeer.storage.api_queries import is_number
 
 log = Logger(namespace="sentrypeer.storage")
 
@@ -47,18 +50,31 @@ DEFAULT_WRITE_QUEUE_SIZE = 100_000
 DEFAULT_WRITE_QUEUE_BYTES = 32 * 1024 * 1024
 #: Events per transaction of the write queue.
 DEFAULT_BATCH_SIZE = 2000
+#: Seconds the write queue lets events gather between two batches of a steady flow.
+DEFAULT_BATCH_DELAY = 0.1
+#: Distinct addresses (and numbers) whose shed counts may wait for the next transaction.
+DEFAULT_MAX_SHED_KEYS = 50_000
 #: SQLite ``busy_timeout``, milliseconds: how long a statement waits for another process's lock.
 BUSY_TIMEOUT_MS = 5000
+#: Seconds between two checkpoints of the checkpointer (see :class:`Database`).
+CHECKPOINT_INTERVAL = 0.5
+#: WAL pages (4 KB) beyond which the writer checkpoints by itself (SQLite's default is 1000).
+WRITER_CHECKPOINT_PAGES = 10_000
+#: The writer connection's page cache, KB (SQLite's default is 2,000).
+WRITER_CACHE_KB = 16_384
 
 __all__ = [
     "BUSY_TIMEOUT_MS",
+    "DEFAULT_BATCH_DELAY",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_SHED_KEYS",
     "DEFAULT_WRITE_QUEUE_BYTES",
     "DEFAULT_WRITE_QUEUE_SIZE",
     "Database",
     "DatabaseService",
     "IEventStore",
     "SchemaVersionError",
+    "Shed",
     "StorageError",
     "WriteQueue",
     "prepare_database",
@@ -159,6 +175,36 @@ def _configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+def _configure_writer(conn: sqlite3.Connection) -> None:
+    """``cp_openfun`` of the writer pool: checkpoints are the checkpointer's job (see
+    :class:`Database`); the writer runs one itself only when the WAL passes
+    :data:`WRITER_CHECKPOINT_PAGES` pages (the checkpointer fell behind). A page cache of
+    :data:`WRITER_CACHE_KB`: every batch updates pages all over five indexes and two summaries,
+    and SQLite's default 2 MB makes it read most of them back from the file each time."""
+    _configure(conn)
+    conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES:d}")
+    conn.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KB:d}")
+
+
+def _configure_reader(conn: sqlite3.Connection) -> None:
+    """``cp_openfun`` of the reader and checkpointer pools: no writing at all."""
+    _configure(conn)
+    conn.execute("PRAGMA query_only=ON")
+
+
+def _checkpoint(cursor: Any) -> None:
+    """Copy what the WAL holds into the database file, without waiting for anyone (PASSIVE)."""
+    cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+def _write(cursor: Any, events: list[BadActorEvent], shed: Shed | None) -> int:
+    """One write transaction of the :class:`WriteQueue`: the events, then the shed counts."""
+    inserted = queries.insert_events(cursor, events)
+    if shed is not None:
+        queries.record_shed(cursor, shed.addresses, shed.numbers)
+    return inserted
+
+
 def _check_schema(cursor: Any, path: str) -> None:
     found = queries.user_version(cursor)
     if found != queries.SCHEMA_VERSION:
@@ -168,11 +214,21 @@ def _check_schema(cursor: Any, path: str) -> None:
         )
 
 
+class Shed(NamedTuple):
+    """Probes whose events the :class:`WriteQueue` shed, counted per address and per number
+    (``value -> (probes, latest event_timestamp)``), for
+    :func:`~sentrypeer.storage.queries.record_shed`."""
+
+    addresses: dict[str, tuple[int, str]]
+    numbers: dict[str, tuple[int, str]]
+
+
 class IEventStore(Interface):
     """Where a :class:`WriteQueue` writes (a :class:`Database`, or a fake in tests)."""
 
-    def insert_events(events: Sequence[BadActorEvent]) -> Deferred[int]:
-        """Store *events* in one transaction, skipping already stored event_uuids.
+    def insert_events(events: Sequence[BadActorEvent], shed: Shed | None = None) -> Deferred[int]:
+        """Store *events* in one transaction, skipping already stored event_uuids, and add the
+        *shed* counts (only given, and needed, when the queue has shed events) to the summaries.
 
         :returns: a Deferred firing with the number of rows inserted, or failing (nothing stored;
             :class:`~sentrypeer.storage.queries.InvalidEventError` names an event that can never
@@ -194,6 +250,18 @@ class Database:
 
     The pool is created in :meth:`start`, not here, because creating one hooks it onto the reactor.
 
+    A second pool of one connection, the reader (``PRAGMA query_only``), runs :meth:`run_read`: in
+    WAL mode a reader never waits for the writer nor the writer for it, so the API's queries and
+    the write queue's batches proceed side by side in their own threads (each releases the GIL
+    while SQLite works).
+
+    A third, the checkpointer, copies the WAL into the database file every
+    :data:`CHECKPOINT_INTERVAL` seconds (``wal_checkpoint(PASSIVE)``). With SQLite's default the
+    writer does it after a commit that takes the WAL past 1,000 pages, and then waits for the
+    ``fsync`` while events queue up; here it checkpoints only past
+    :data:`WRITER_CHECKPOINT_PAGES` pages, should the checkpointer fall behind. Durability is
+    unchanged (``synchronous=NORMAL``: commits are not synced, checkpoints are).
+
     :param path: the database file, already prepared by :func:`prepare_database`.
     :param reactor: the reactor running the pool's thread (``IReactorCore`` and
         ``IReactorThreads``).
@@ -203,6 +271,10 @@ class Database:
         self.path = path
         self._reactor = reactor
         self._pool: adbapi.ConnectionPool | None = None
+        self._read_pool: adbapi.ConnectionPool | None = None
+        self._checkpoint_pool: adbapi.ConnectionPool | None = None
+        self._checkpoint_call: IDelayedCall | None = None
+        self._checkpoint_failed = False
 
     def start(self) -> Deferred[None]:
         """Create the pool and check the file's schema version.
@@ -211,22 +283,56 @@ class Database:
             :class:`~sentrypeer.storage.StorageError` (file not prepared) or :class:`sqlite3.Error`.
         """
         if self._pool is None:
-            self._pool = adbapi.ConnectionPool(
-                "sqlite3",
-                self.path,
-                check_same_thread=False,
-                cp_min=1,
-                cp_max=1,
-                cp_openfun=_configure,
-                cp_reactor=self._reactor,
-            )
+            self._pool = self._new_pool(_configure_writer)
+            self._read_pool = self._new_pool(_configure_reader)
+            self._checkpoint_pool = self._new_pool(_configure_reader)
+            self._schedule_checkpoint()
         return self._pool.runInteraction(_check_schema, self.path)
 
+    def _new_pool(self, configure: Callable[[sqlite3.Connection], None]) -> adbapi.ConnectionPool:
+        return adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=configure,
+            cp_reactor=self._reactor,
+        )
+
+    def _schedule_checkpoint(self) -> None:
+        if self._checkpoint_pool is not None:
+            self._checkpoint_call = self._reactor.callLater(CHECKPOINT_INTERVAL, self._checkpoint_tick)
+
+    def _checkpoint_tick(self) -> None:
+        self._checkpoint_call = None
+        if self._checkpoint_pool is None:
+            return
+        d = self._checkpoint_pool.runInteraction(_checkpoint)
+        d.addCallbacks(self._checkpoint_done, self._checkpoint_error)
+        d.addErrback(lambda f: log.failure("Database checkpoint scheduling failed", f))
+
+    def _checkpoint_done(self, _: object) -> None:
+        self._checkpoint_failed = False
+        self._schedule_checkpoint()
+
+    def _checkpoint_error(self, failure: Failure) -> None:
+        if not self._checkpoint_failed:  # once per episode: the writer checkpoints meanwhile
+            log.warn("Database {path}: checkpoint failed: {error}", path=self.path,
+                     error=failure.getErrorMessage())
+        self._checkpoint_failed = True
+        self._schedule_checkpoint()
+
     def close(self) -> Deferred[None]:
-        """Close the pool (waits for an interaction in progress). Calling it again does nothing."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        """Close the pools (waits for interactions in progress). Calling it again does nothing."""
+        if self._checkpoint_call is not None and self._checkpoint_call.active():
+            self._checkpoint_call.cancel()
+        self._checkpoint_call = None
+        pools = (self._checkpoint_pool, self._read_pool, self._pool)
+        self._pool = self._read_pool = self._checkpoint_pool = None
+        for pool in pools:
+            if pool is not None:
+                pool.close()
         return succeed(None)
 
     def run_query(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -242,12 +348,24 @@ class Database:
             return fail(StorageError(self.path, "the database is not started"))
         return self._pool.runInteraction(fn, *args, **kwargs)
 
-    def insert_events(self, events: Sequence[BadActorEvent]) -> Deferred[int]:
-        """Insert *events* in one transaction (:func:`~sentrypeer.storage.queries.insert_events`).
+    def run_read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Run the read-only ``fn(cursor, *args, **kwargs)`` on the reader connection, in its
+        thread (writing raises :class:`sqlite3.OperationalError`).
+
+        :returns: a Deferred firing with what *fn* returns, or failing with what it raises.
+        """
+        if self._read_pool is None:
+            return fail(StorageError(self.path, "the database is not started"))
+        return self._read_pool.runInteraction(fn, *args, **kwargs)
+
+    def insert_events(self, events: Sequence[BadActorEvent], shed: Shed | None = None) -> Deferred[int]:
+        """Insert *events* and count *shed* probes in one transaction
+        (:func:`~sentrypeer.storage.queries.insert_events`,
+        :func:`~sentrypeer.storage.queries.record_shed`).
 
         :returns: a Deferred firing with the number of new rows.
         """
-        return self.run_query(queries.insert_events, list(events))
+        return self.run_query(_write, list(events), shed)
 
     def event_uuid_exists(self, event_uuid: str) -> Deferred[bool]:
         """Whether an event with *event_uuid* is stored."""
@@ -290,13 +408,29 @@ class _Entry(NamedTuple):
     seq: int
 
 
+_new_entry = tuple.__new__  # builds an _Entry without the keyword-argument machinery
+
+
 class WriteQueue:
     """Bounded FIFO of events on their way to the database, written in batches.
 
     :meth:`put` never blocks and never raises: the SIP and DHT code call it per event. Events are
     written in batches of up to *batch_size*, one transaction each, with at most one batch in
-    flight; the next batch starts ``callLater(0)`` after the previous one ends, so a burst coalesces
-    into few transactions.
+    flight. The first event after a quiet time is written at once (``callLater(0)``); after a
+    batch, the next one starts at once if *batch_size* events are waiting (or someone waits in
+    :meth:`flush`), else *batch_delay* seconds later, so that a steady flow is written in batches
+    of hundreds: a transaction costs SQLite a fixed amount of page writes whatever its size, and
+    writing events one or two at a time would cost several times the CPU per event.
+
+    Load shedding loses nothing silently. When the queue is full (by count or bytes) the event is
+    shed: it is not stored in ``honey``, but its probe is still counted, per source address and per
+    called number, in the summary tables (``seen_count``, ``shed_count``, ``seen_last``; see
+    :func:`~sentrypeer.storage.queries.record_shed`) by the next write transaction, and in
+    ``dropped``. The counts waiting for that transaction are held in two tables of at most
+    *max_shed_keys* distinct values each; a probe whose value finds its table full is counted in
+    ``shed_overflow`` only (it happens when the database stalls while a flood of distinct sources
+    goes on). The first shed event of an episode is logged, and the episode's total when the queue
+    accepts events again.
 
     A batch that fails is kept and retried after *retry_delay* seconds, doubling up to
     *max_retry_delay*: a transient error (SQLITE_BUSY, disk full, ...) delays events but never
@@ -305,8 +439,9 @@ class WriteQueue:
     (:class:`~sentrypeer.storage.queries.InvalidEventError`: a field of the wrong type) is taken out
     of its batch, logged and counted in ``rejected``; the rest of the batch is written at once.
 
-    Counters (plain attributes, read by stats/manhole): ``queued`` (accepted), ``dropped`` (refused
-    by :meth:`put`), ``written`` (in committed batches), ``inserted`` (new rows; ``written`` minus
+    Counters (plain attributes, read by stats/manhole): ``queued`` (accepted), ``dropped`` (shed
+    by :meth:`put`: not stored, counted in the summaries), ``shed_overflow`` (shed and not counted
+    in a summary), ``written`` (in committed batches), ``inserted`` (new rows; ``written`` minus
     event_uuids already stored), ``rejected``, ``write_errors`` (failed attempts), ``batches``
     (committed transactions), ``depth`` and ``depth_bytes`` (accepted, not yet written, the batch in
     flight included).
@@ -321,6 +456,10 @@ class WriteQueue:
     :param max_retry_delay: longest wait between retries, seconds.
     :param on_written: called with the events of each committed batch, in order, after the commit;
         what it raises is logged and otherwise ignored.
+    :param max_shed_keys: most distinct addresses, and numbers, whose shed counts wait for the
+        next transaction.
+    :param batch_delay: seconds between a batch and the next one when fewer than *batch_size*
+        events wait.
     """
 
     def __init__(
@@ -334,9 +473,11 @@ class WriteQueue:
         retry_delay: float = 1.0,
         max_retry_delay: float = 60.0,
         on_written: Callable[[list[BadActorEvent]], None] | None = None,
+        max_shed_keys: int = DEFAULT_MAX_SHED_KEYS,
+        batch_delay: float = 0.0,
     ) -> None:
-        if max_events < 1 or max_bytes < 1 or batch_size < 1:
-            raise ValueError("max_events, max_bytes and batch_size must be at least 1")
+        if max_events < 1 or max_bytes < 1 or batch_size < 1 or max_shed_keys < 1:
+            raise ValueError("max_events, max_bytes, batch_size and max_shed_keys must be at least 1")
         self._store = store
         self._clock = clock
         self.max_events = max_events
@@ -345,21 +486,30 @@ class WriteQueue:
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
         self.on_written = on_written
+        self.max_shed_keys = max_shed_keys
+        self.batch_delay = batch_delay
 
         self.queued = 0
         self.written = 0
         self.inserted = 0
         self.dropped = 0
+        self.shed_overflow = 0
         self.rejected = 0
         self.write_errors = 0
         self.batches = 0
         self.depth_bytes = 0
 
         self._pending: collections.deque[_Entry] = collections.deque()
-        #: The batch being written, or waiting for its retry.
+        #: The batch being written, or waiting for its retry, and the shed counts going with it.
         self._batch: list[_Entry] = []
+        self._batch_shed: Shed | None = None
+        #: Shed counts not yet in a batch: value -> [probes, latest event_timestamp].
+        self._shed_addresses: dict[str, list] = {}
+        self._shed_numbers: dict[str, list] = {}
         self._in_flight = False
         self._call: IDelayedCall | None = None
+        #: Whether _call is a batch_delay wait (ended early by a full batch or flush()).
+        self._delayed = False
         self._failures = 0
         self._dropped_since_accepting = 0
         #: (seq of the last event to wait for, Deferred), in seq order.
@@ -373,40 +523,73 @@ class WriteQueue:
     def put(self, event: BadActorEvent) -> bool:
         """Queue *event* for writing. O(1); never blocks, never raises.
 
-        :returns: ``True`` if accepted; ``False`` if refused because the queue is full (by count or
-            bytes), counted in ``dropped``.
+        :returns: ``True`` if accepted; ``False`` if shed because the queue is full (by count or
+            bytes): counted in ``dropped`` and in the summaries (see the class docstring).
         """
         try:
             size = event.size_hint()
-            depth = self.depth
+            depth = len(self._pending) + len(self._batch)
             if depth >= self.max_events or (depth and self.depth_bytes + size > self.max_bytes):
-                self.dropped += 1
-                if not self._dropped_since_accepting:
-                    log.warn(
-                        "Write queue full ({depth} events, {size} bytes): dropping events",
-                        depth=depth,
-                        size=self.depth_bytes,
-                    )
-                self._dropped_since_accepting += 1
+                self._shed(event, depth)
                 return False
             if self._dropped_since_accepting:
                 log.info(
-                    "Write queue accepting events again; {count} dropped while full",
+                    "Write queue accepting events again; {count} shed while full (counted in the "
+                    "per-address and per-number summaries)",
                     count=self._dropped_since_accepting,
                 )
                 self._dropped_since_accepting = 0
             self.queued += 1
-            self._pending.append(_Entry(event, size, self.queued))
+            pending = self._pending
+            pending.append(_new_entry(_Entry, (event, size, self.queued)))
             self.depth_bytes += size
-            self._schedule(0)
+            if self._call is None:
+                if not self._in_flight:
+                    self._schedule(0)
+            elif self._delayed and len(pending) >= self.batch_size:
+                self._reschedule_now()
             return True
         except Exception:
             self.dropped += 1
             log.failure("Write queue refused an event it could not handle")
             return False
 
+    def _shed(self, event: BadActorEvent, depth: int) -> None:
+        """Count *event* as shed: in ``dropped``, and per address and number for the summaries."""
+        self.dropped += 1
+        if not self._dropped_since_accepting:
+            log.warn(
+                "Write queue full ({depth} events, {size} bytes): dropping events (shed: not "
+                "stored, but their probes still counted per address and number)",
+                depth=depth,
+                size=self.depth_bytes,
+            )
+        self._dropped_since_accepting += 1
+        stamp = event.event_timestamp
+        counted = self._count_shed(self._shed_addresses, event.source_ip, stamp)
+        number = event.called_number
+        if is_number(number):
+            counted = self._count_shed(self._shed_numbers, number, stamp) and counted
+        if not counted:
+            self.shed_overflow += 1
+        if self._call is None and not self._in_flight:
+            self._schedule(0)
+
+    def _count_shed(self, table: dict[str, list], key: str, stamp: str) -> bool:
+        entry = table.get(key)
+        if entry is not None:
+            entry[0] += 1
+            if stamp > entry[1]:
+                entry[1] = stamp
+            return True
+        if len(table) >= self.max_shed_keys:
+            return False
+        table[key] = [1, stamp]
+        return True
+
     def flush(self) -> Deferred[None]:
-        """Wait until every event accepted before this call is written (or rejected).
+        """Wait until every event accepted before this call is written (or rejected), and the
+        shed counts so far are in the summaries.
 
         A batch waiting for its retry is retried at once. Cancelling the Deferred stops waiting
         (nothing is discarded).
@@ -418,15 +601,16 @@ class WriteQueue:
             return succeed(None)
         d: Deferred[None] = Deferred(lambda d: self._waiters.remove((target, d)))
         self._waiters.append((target, d))
-        if self._failures and not self._in_flight and self._call is not None:
-            self._call.cancel()
-            self._call = None
-            self._schedule(0)
+        if (self._failures or self._delayed) and not self._in_flight and self._call is not None:
+            self._reschedule_now()
         return d
 
     def stats(self) -> dict[str, int]:
         """The counters, as a new dict."""
-        names = ("queued", "written", "inserted", "dropped", "rejected", "write_errors", "batches")
+        names = (
+            "queued", "written", "inserted", "dropped", "shed_overflow", "rejected", "write_errors",
+            "batches",
+        )
         out = {name: getattr(self, name) for name in names}
         out["depth"] = self.depth
         out["depth_bytes"] = self.depth_bytes
@@ -434,32 +618,60 @@ class WriteQueue:
 
     # -- internals
 
+    def _shed_pending(self) -> bool:
+        return bool(self._shed_addresses or self._shed_numbers or self._batch_shed is not None)
+
     def _oldest_unfinished(self) -> int:
         if self._batch:
             return self._batch[0].seq
         if self._pending:
             return self._pending[0].seq
+        if self._shed_pending():
+            return self.queued  # only shed counts left: flush() waits for them too
         return self.queued + 1
 
-    def _schedule(self, delay: float) -> None:
-        if self._in_flight or self._call is not None or not (self._batch or self._pending):
+    def _schedule(self, delay: float, delayed: bool = False) -> None:
+        if self._in_flight or self._call is not None:
             return
+        if not (self._batch or self._pending or self._shed_pending()):
+            return
+        self._delayed = delayed
         self._call = self._clock.callLater(delay, self._write_batch)
+
+    def _reschedule_now(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        self._schedule(0)
 
     def _write_batch(self) -> None:
         self._call = None
-        if not self._batch:
+        self._delayed = False
+        if not self._batch and self._batch_shed is None:
             count = min(self.batch_size, len(self._pending))
-            self._batch = [self._pending.popleft() for _ in range(count)]
-        if not self._batch:
+            pending = self._pending
+            self._batch = [pending.popleft() for _ in range(count)]
+            if self._shed_addresses or self._shed_numbers:
+                self._batch_shed = Shed(
+                    {k: (v[0], v[1]) for k, v in self._shed_addresses.items()},
+                    {k: (v[0], v[1]) for k, v in self._shed_numbers.items()},
+                )
+                self._shed_addresses = {}
+                self._shed_numbers = {}
+        if not self._batch and self._batch_shed is None:
             return
         self._in_flight = True
-        d = maybeDeferred(self._store.insert_events, [entry.event for entry in self._batch])
+        events = [entry.event for entry in self._batch]
+        if self._batch_shed is None:
+            d = maybeDeferred(self._store.insert_events, events)
+        else:
+            d = maybeDeferred(self._store.insert_events, events, self._batch_shed)
         d.addCallbacks(self._batch_written, self._batch_failed)
         d.addErrback(lambda f: log.failure("Write queue internal error", f))
 
     def _batch_written(self, inserted: int) -> None:
         batch, self._batch = self._batch, []
+        self._batch_shed = None
         self._in_flight = False
         self.batches += 1
         self.written += len(batch)
@@ -472,13 +684,16 @@ class WriteQueue:
                 failures=self._failures,
             )
             self._failures = 0
-        if self.on_written is not None:
+        if self.on_written is not None and batch:
             try:
                 self.on_written([entry.event for entry in batch])
             except Exception:
                 log.failure("Write queue: the on_written hook failed")
         self._wake_waiters()
-        self._schedule(0)
+        if self.batch_delay and len(self._pending) < self.batch_size and not self._waiters:
+            self._schedule(self.batch_delay, delayed=True)
+        else:
+            self._schedule(0)
 
     def _batch_failed(self, failure: Failure) -> None:
         self._in_flight = False
@@ -560,6 +775,7 @@ class DatabaseService(Service):
     :param max_events: ``--write-queue-size``.
     :param max_bytes: ``--write-queue-bytes``.
     :param batch_size: events per transaction.
+    :param batch_delay: see :class:`WriteQueue`.
     :param on_written: see :class:`WriteQueue`.
     :param prune_interval: seconds between prunes.
     :param prune_delay: seconds from start to the first prune.
@@ -583,6 +799,7 @@ class DatabaseService(Service):
         max_events: int = DEFAULT_WRITE_QUEUE_SIZE,
         max_bytes: int = DEFAULT_WRITE_QUEUE_BYTES,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_delay: float = DEFAULT_BATCH_DELAY,
         on_written: Callable[[list[BadActorEvent]], None] | None = None,
         prune_interval: float = 3600.0,
         prune_delay: float = 60.0,
@@ -600,6 +817,7 @@ class DatabaseService(Service):
             max_events=max_events,
             max_bytes=max_bytes,
             batch_size=batch_size,
+            batch_delay=batch_delay,
             on_written=on_written,
         )
         self._prune_lock = DeferredLock()

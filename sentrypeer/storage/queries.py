@@ -8,11 +8,16 @@ Schema (``PRAGMA user_version``):
 
 - **0**: a database made by the original SentryPeer (reference §4.1: table ``honey``, three
   non-unique indexes, ``user_version`` never set), or an empty file.
-- **1** (:data:`SCHEMA_VERSION`): ``schema/v1.sql``. The original's ``honey`` table with its column
+- **1**: ``schema/v1.sql``. The original's ``honey`` table with its column
   names, plus ``destination_ip``, ``source_port``, ``destination_port``, ``parse_status``,
   ``auth_username``, ``auth_realm`` and ``sip_message_bytes`` (interface.md §4); ``event_uuid_index``
   made UNIQUE; ``event_timestamp_index``; the side table ``honey_duplicate_uuid``; the one-row table
   ``sentrypeer_node`` holding this node's persistent id.
+- **2** (:data:`SCHEMA_VERSION`): ``schema/upgrade-to-v2.sql`` adds the summary tables
+  ``ip_summary`` and ``number_summary`` (per source address and per listed called number: count,
+  shed count, last seen), kept up to date by triggers on every insert into and delete from
+  ``honey``, and built from the existing rows by the upgrade; :func:`record_shed` counts the probes
+  whose events were shed. The API's list routes read them instead of grouping ``honey``.
 
 Upgrade of an original database (:func:`migrate`), in place and in one transaction:
 
@@ -30,19 +35,22 @@ Upgrade of an original database (:func:`migrate`), in place and in one transacti
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import ipaddress
 import operator
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain as _chain
 from typing import Any
 
 from sentrypeer.events import BadActorEvent, or_not_found
 from sentrypeer.storage import SchemaVersionError
+from sentrypeer.storage.api_queries import is_number, is_plain, number_filter_sql, plain_sql
 
 #: The schema version this module creates and upgrades to (``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Rows per DELETE statement when pruning (:func:`prune_events_batch`).
 PRUNE_BATCH_SIZE = 5000
@@ -78,9 +86,46 @@ _BLOB_COLUMNS = frozenset({"sip_message_bytes"})
 #: ``SELECT`` of the :data:`EVENT_COLUMNS` of ``honey``; append a ``WHERE`` clause.
 SELECT_EVENT_SQL = "SELECT " + ", ".join(EVENT_COLUMNS) + " FROM honey"
 
-_INSERT_SQL = "INSERT OR IGNORE INTO honey ({}) VALUES ({})".format(
-    ", ".join(EVENT_COLUMNS), ", ".join("?" * len(EVENT_COLUMNS))
-)
+#: Parameters one statement may bind: SQLite's default limit is 32,766 since 3.32, 999 before.
+MAX_PARAMETERS = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+
+def _chunk_sizes(count: int, width: int) -> Iterator[int]:
+    """Split *count* rows of *width* parameters into statements of a power-of-two number of rows
+    (so a few statement texts serve every batch size), each within :data:`MAX_PARAMETERS`.
+
+    Batches are written with a handful of multi-row statements, not one statement per row: the
+    database thread gives up the GIL during each ``sqlite3_step`` and must then wait for the
+    reactor thread, which receives packets meanwhile, to give it back (up to the interpreter's
+    switch interval, 5 ms). Once per statement is affordable, once per row is not.
+    """
+    largest = 1 << ((MAX_PARAMETERS // width).bit_length() - 1)
+    while count:
+        size = min(largest, 1 << (count.bit_length() - 1))
+        yield size
+        count -= size
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row_sql(head: str, row: str, rows: int, tail: str = "") -> str:
+    """``head VALUES row, row, ... tail`` with *rows* copies of *row*."""
+    return f"{head} VALUES {', '.join([row] * rows)}{tail}"
+
+
+def _execute_rows(cursor: Any, head: str, row: str, rows: Sequence[Sequence[Any]], tail: str = "") -> int:
+    """Execute ``head VALUES (...), ... tail`` for *rows* in a few statements; the rows changed."""
+    changed = 0
+    start = 0
+    width = row.count("?")
+    for size in _chunk_sizes(len(rows), width):
+        cursor.execute(_multi_row_sql(head, row, size, tail), list(_chain(*rows[start : start + size])))
+        changed += cursor.rowcount
+        start += size
+    return changed
+
+
+_INSERT_HEAD = "INSERT OR IGNORE INTO honey ({})".format(", ".join(EVENT_COLUMNS))
+_INSERT_ROW = "({})".format(", ".join("?" * len(EVENT_COLUMNS)))
 
 #: Every ``honey`` column of schema 1 after ``honey_id``, with the type the upgrade adds it with.
 #: The order is v1.sql's. ``created_at`` gets no default when added: SQLite's ``ALTER TABLE`` refuses
@@ -162,7 +207,14 @@ def _split_statements(script: str) -> Iterator[str]:
 
 def _run_schema_file(conn: Any, name: str) -> None:
     for statement in schema_statements(name):
-        conn.execute(statement)
+        statement = _NUMBER_FILTER_TOKEN.sub(lambda m: number_filter_sql(m.group(1)), statement)
+        conn.execute(_PLAIN_TOKEN.sub(lambda m: plain_sql(m.group(1)), statement))
+
+
+#: ``NUMBER_FILTER[expr]`` in a schema file: :func:`~sentrypeer.storage.api_queries.number_filter_sql`.
+_NUMBER_FILTER_TOKEN = re.compile(r"NUMBER_FILTER\[([A-Za-z_.]+)\]")
+#: ``PLAIN[expr]`` in a schema file: :func:`~sentrypeer.storage.api_queries.plain_sql`.
+_PLAIN_TOKEN = re.compile(r"PLAIN\[([A-Za-z_.]+)\]")
 
 
 def _table_exists(conn: Any, name: str) -> bool:
@@ -237,8 +289,13 @@ def _step_from_0(conn: Any) -> None:
     _run_schema_file(conn, "upgrade-from-original.sql")
 
 
+def _step_from_1(conn: Any) -> None:
+    """Version 1 to 2: the summary tables, filled from the rows already there, and their triggers."""
+    _run_schema_file(conn, "upgrade-to-v2.sql")
+
+
 #: ``version -> step`` bringing a database from that version to the next.
-_STEPS: dict[int, Callable[[Any], None]] = {0: _step_from_0}
+_STEPS: dict[int, Callable[[Any], None]] = {0: _step_from_0, 1: _step_from_1}
 
 
 def split_address_port(value: str) -> tuple[str, int] | None:
@@ -397,12 +454,17 @@ def event_to_row(event: BadActorEvent) -> tuple[Any, ...]:
 
 
 def insert_events(cursor: Any, events: Sequence[BadActorEvent]) -> int:
-    """Insert *events* into ``honey``, skipping any whose ``event_uuid`` is already stored.
+    """Insert *events* into ``honey``, skipping any whose ``event_uuid`` is already stored, and
+    count the new rows in the summary tables.
 
     ``sip_method`` goes to column ``method`` and ``sip_user_agent`` to ``user_agent`` (the
     original's names); ``created_at`` takes its default. Every event is checked before any SQL runs.
+    Rows go in a few multi-row statements (:func:`_chunk_sizes`). The summaries' insert triggers
+    are paused for the transaction (``summary_state.batching``, see ``schema/upgrade-to-v2.sql``)
+    and the rows are added to ``ip_summary`` and ``number_summary`` once per distinct address and
+    number instead.
 
-    :param cursor: a cursor (or ``adbapi`` transaction) on a schema-1 database; the caller commits.
+    :param cursor: a cursor (or ``adbapi`` transaction) on a schema-2 database; the caller commits.
     :param events: the events, in order; duplicates among them are skipped too.
     :returns: the number of rows inserted.
     :raises InvalidEventError: an event cannot be stored; nothing was executed.
@@ -415,8 +477,129 @@ def insert_events(cursor: Any, events: Sequence[BadActorEvent]) -> int:
             raise InvalidEventError(index, str(e)) from e
     if not rows:
         return 0
-    cursor.executemany(_INSERT_SQL, rows)
-    return int(cursor.rowcount)
+    cursor.execute("SELECT coalesce(max(honey_id), 0) FROM honey")
+    last_id = cursor.fetchone()[0]
+    cursor.execute("UPDATE summary_state SET batching = 1 WHERE id = 1")
+    try:
+        inserted = _execute_rows(cursor, _INSERT_HEAD, _INSERT_ROW, rows)
+        if inserted:
+            _flag_escapes(cursor, {row[3] for row in rows} | {row[0] for row in rows})
+        if inserted == len(rows) and all(row[0] is not None for row in rows):
+            addresses, numbers = _summarize(rows)
+            _add_counts(cursor, addresses, numbers, shed=False)
+        elif inserted:
+            # Some rows were already stored (a peer's event seen before), or lack a timestamp:
+            # count exactly the rows this transaction added, as the triggers would have.
+            cursor.execute(_SUMMARIZE_SINCE.format(table="ip_summary", column="source_ip",
+                                                   where="source_ip IS NOT NULL"), (last_id,))
+            cursor.execute(_SUMMARIZE_SINCE.format(table="number_summary", column="called_number",
+                                                   where=number_filter_sql("called_number")),
+                           (last_id,))
+    finally:
+        cursor.execute("UPDATE summary_state SET batching = 0 WHERE id = 1")
+    return int(inserted)
+
+
+def _flag_escapes(cursor: Any, values: Iterable[str | None]) -> None:
+    """Set ``summary_state.needs_escape`` when one of *values* (addresses, timestamps) is text JSON
+    must escape (:func:`~sentrypeer.storage.api_queries.is_plain`); the insert trigger's check,
+    for the rows summarised here. A called number the lists show is always plain."""
+    if not all(value is None or is_plain(value) for value in values):
+        cursor.execute("UPDATE summary_state SET needs_escape = 1 WHERE id = 1")
+
+
+def _summarize(rows: Sequence[tuple[Any, ...]]) -> tuple[dict, dict]:
+    """Per address and per listed number of *rows* (:data:`EVENT_COLUMNS` tuples, every
+    ``event_timestamp`` set): ``value -> (rows, latest event_timestamp)``."""
+    addresses: dict[str, list] = {}
+    numbers: dict[str, list] = {}
+    listed: dict[str, bool] = {}
+    for row in rows:
+        stamp, address, number = row[0], row[3], row[4]
+        if address is not None:
+            entry = addresses.get(address)
+            if entry is None:
+                addresses[address] = [1, stamp]
+            else:
+                entry[0] += 1
+                if stamp > entry[1]:
+                    entry[1] = stamp
+        if number is not None:
+            ok = listed.get(number)
+            if ok is None:
+                ok = listed[number] = is_number(number)
+            if ok:
+                entry = numbers.get(number)
+                if entry is None:
+                    numbers[number] = [1, stamp]
+                else:
+                    entry[0] += 1
+                    if stamp > entry[1]:
+                        entry[1] = stamp
+    return addresses, numbers
+
+
+def _add_counts(cursor: Any, addresses: Mapping[str, Sequence], numbers: Mapping[str, Sequence],
+                shed: bool) -> None:
+    """Add ``value -> (count, latest event_timestamp)`` to the summaries (as shed probes when
+    *shed*: to ``shed_count`` too)."""
+    for table, column, counts in (("ip_summary", "source_ip", addresses),
+                                  ("number_summary", "called_number", numbers)):
+        if counts:
+            _execute_rows(
+                cursor,
+                f"INSERT INTO {table} ({column}, seen_count, shed_count, seen_last, timestamped)",
+                "(?, ?, ?, ?, 1)",
+                [(key, count, count if shed else 0, last) for key, (count, last) in counts.items()],
+                _ADD_TAIL.format(column=column),
+            )
+
+
+#: Adds a count and a latest ``event_timestamp`` to a summary row (creating it). The timestamp
+#: replaces a ``created_at`` one (``timestamped`` 0), as ``coalesce(max(event_timestamp), ...)``.
+_ADD_TAIL = (
+    " ON CONFLICT ({column}) DO UPDATE SET"
+    " seen_count = seen_count + excluded.seen_count,"
+    " shed_count = shed_count + excluded.shed_count,"
+    " seen_last = CASE WHEN NOT timestamped OR seen_last IS NULL OR excluded.seen_last > seen_last"
+    " THEN excluded.seen_last ELSE seen_last END,"
+    " timestamped = 1"
+)
+
+#: The insert triggers' work for every row after ``honey_id`` ``?``, grouped.
+_SUMMARIZE_SINCE = (
+    "INSERT INTO {table} ({column}, seen_count, seen_last, timestamped)"
+    " SELECT {column}, count(*), coalesce(max(event_timestamp), max(created_at)),"
+    " max(event_timestamp) IS NOT NULL FROM honey WHERE honey_id > ? AND {where} GROUP BY {column}"
+    " ON CONFLICT ({column}) DO UPDATE SET seen_count = seen_count + excluded.seen_count,"
+    " seen_last = CASE"
+    " WHEN excluded.timestamped > timestamped THEN excluded.seen_last"
+    " WHEN excluded.timestamped < timestamped THEN seen_last"
+    " WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last"
+    " ELSE seen_last END,"
+    " timestamped = max(timestamped, excluded.timestamped)"
+)
+
+
+def record_shed(
+    cursor: Any,
+    addresses: Mapping[str, tuple[int, str]],
+    numbers: Mapping[str, tuple[int, str]],
+) -> None:
+    """Count probes whose events were shed (not stored in ``honey``) in the summary tables.
+
+    Each one adds to ``seen_count`` and ``shed_count`` of its address and number, and its time
+    to ``seen_last`` (interface.md §5 ``seen_count``: every probe counts, stored or not).
+
+    :param cursor: a cursor (or ``adbapi`` transaction) on a schema-2 database; the caller commits.
+    :param addresses: ``source_ip -> (probes, latest event_timestamp)``.
+    :param numbers: the same per called number; only numbers the API lists are kept
+        (:func:`~sentrypeer.storage.api_queries.is_number`), others are ignored.
+    """
+    listed = {key: value for key, value in numbers.items() if is_number(key)}
+    _flag_escapes(cursor, [*addresses, *(last for _, last in addresses.values()),
+                           *(last for _, last in listed.values())])
+    _add_counts(cursor, addresses, listed, shed=True)
 
 
 def row_to_event(row: Sequence[Any] | Mapping[str, Any]) -> BadActorEvent:
@@ -537,6 +720,7 @@ def prune_events_before(cursor: Any, cutoff: str, batch_size: int = PRUNE_BATCH_
 
 __all__ = [
     "EVENT_COLUMNS",
+    "MAX_PARAMETERS",
     "PRUNE_BATCH_SIZE",
     "SCHEMA_VERSION",
     "SELECT_EVENT_SQL",
@@ -550,6 +734,7 @@ __all__ = [
     "migrate",
     "prune_events_batch",
     "prune_events_before",
+    "record_shed",
     "row_to_event",
     "schema_statements",
     "split_address_port",
