@@ -13,7 +13,7 @@ TEST_TOOLS := sipvicious sipsak sip-tester openssl curl sqlite3 fail2ban nmap op
 	chromium chromium-driver ipset nftables util-linux
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run check lint venv tools python clean
+.PHONY: run check lint venv tools python clean bench
 
 run: $(VENV)/.installed
 	@# twistd re-raises the SIGTERM/SIGINT that stopped it: 143 and 130 are clean stops.
@@ -24,7 +24,13 @@ check: $(VENV)/.installed tools
 	$(VPY) -m twisted.trial $(TRIAL_ARGS) tests
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check sentrypeer twisted tests
+	$(VENV)/bin/ruff check sentrypeer twisted tests bench
+
+# The benchmark of issue 7: the product on loopback ephemeral ports, its own senders, one table of
+# figures (BENCH_ARGS=--short for a few seconds, --json for JSON, --only udp,api for some phases).
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	PYTHONPATH=. $(VPY) -m bench $(BENCH_ARGS)
 
 venv: $(VENV)/.installed
 
