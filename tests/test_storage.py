@@ -504,6 +504,24 @@ class PrepareDatabaseTests(SynchronousTestCase):
         self.assertEqual(queries.user_version(conn), queries.SCHEMA_VERSION)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
 
+    def test_page_size(self) -> None:
+        """A new file gets 16 KB pages (a batch of inserts dirties fewer pages of the random-key
+        indexes per event); an existing file keeps its page size."""
+        path = self.mktemp()
+        prepare_database(path)
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA page_size").fetchone(), (16_384,))
+        old = self.mktemp()
+        conn = sqlite3.connect(old)
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+        conn.close()
+        prepare_database(old)
+        conn = sqlite3.connect(old)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA page_size").fetchone(), (4096,))
+
     def test_node_id_persists(self) -> None:
         """The node id is created once and returned unchanged on every later start."""
         path = self.mktemp()

@@ -54,6 +54,8 @@ DEFAULT_BATCH_SIZE = 2000
 DEFAULT_BATCH_DELAY = 0.1
 #: Distinct addresses (and numbers) whose shed counts may wait for the next transaction.
 DEFAULT_MAX_SHED_KEYS = 50_000
+#: Page size of a new database file, bytes (SQLite's default is 4,096; see :func:`prepare_database`).
+NEW_PAGE_SIZE = 16_384
 #: SQLite ``busy_timeout``, milliseconds: how long a statement waits for another process's lock.
 BUSY_TIMEOUT_MS = 5000
 #: Seconds between two checkpoints of the checkpointer (see :class:`Database`).
@@ -134,6 +136,8 @@ def prepare_database(path: str) -> str:
                 found=found,
                 version=queries.SCHEMA_VERSION,
             )
+        if new:
+            conn.execute(f"PRAGMA page_size={NEW_PAGE_SIZE:d}")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             log.warn(
