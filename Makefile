@@ -30,7 +30,7 @@ lint: $(VENV)/.installed
 # figures (BENCH_ARGS=--short for a few seconds, --json for JSON, --only udp,api for some phases).
 BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	PYTHONPATH=. $(VPY) -m bench $(BENCH_ARGS)
+	@PYTHONPATH=. $(VPY) -m bench $(BENCH_ARGS)
 
 venv: $(VENV)/.installed
 

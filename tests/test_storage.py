@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from sentrypeer.events import NOT_FOUND, PARSE_OK, BadActorEvent, format_timestamp
 from sentrypeer.storage import SchemaVersionError, StorageError, queries
 from sentrypeer.storage.database import (
+    SHED_REPORT_INTERVAL,
     Database,
     DatabaseService,
     IEventStore,
@@ -1036,17 +1037,21 @@ class WriteQueueTests(SynchronousTestCase):
         )
 
     def test_drop_logging(self) -> None:
-        """Dropping is logged when it starts and when the queue accepts again, not per event."""
+        """Shedding is logged when it starts, then per report interval (the events shed since the
+        last line), then once after a quiet interval; not per event."""
         observer = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         q = self.queue(max_events=1)
         for i in range(5):
             q.put(make_event(i))
         run_due(self.clock)
         q.put(make_event(9))
-        formats = [e["log_format"] for e in observer]
-        self.assertEqual(len(formats), 2)
-        self.assertIn("dropping", formats[0])
-        self.assertIn("accepting", formats[1])
+        self.assertEqual(len(observer), 1)
+        self.assertIn("shedding", observer[0]["log_format"])
+        self.clock.advance(SHED_REPORT_INTERVAL)
+        self.assertEqual(observer[1]["count"], 3)  # shed after the first line
+        self.clock.advance(SHED_REPORT_INTERVAL)
+        self.assertIn("no events shed", observer[2]["log_format"])
+        self.assertEqual(len(observer), 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from sentrypeer.events import BadActorEvent, format_timestamp
 from sentrypeer.sip import controller as sip_controller
 from sentrypeer.sip import message as sip_message
-from sentrypeer.storage import api_queries, queries
+from sentrypeer.storage import api_queries, database, queries
 from sentrypeer.storage.database import Shed, WriteQueue
 
 NODE = "1f45cc1c-4fd4-11ec-89f0-d05099894ba6"
@@ -418,6 +418,55 @@ class SheddingTests(SynchronousTestCase):
         self.assertEqual(sum(v[1] for v in numbers.values()), queue.dropped)
         self.assertEqual(max(v[2] for v in ips.values()), sent[-1].event_timestamp)
         self.assertEqual(queue.shed_overflow, 0)
+
+    def test_shedding_log_lines_bounded(self):
+        """Sustained overload for 60 s, the queue flipping between full and not full with every
+        batch: one line when shedding starts, one per SHED_REPORT_INTERVAL while it goes on, one
+        after a quiet interval; the counts in the lines add up to what was dropped."""
+        from twisted.logger import globalLogPublisher
+
+        lines: list[dict] = []
+
+        def observe(e: dict) -> None:
+            if e.get("log_namespace") == "sentrypeer.storage" and "shed" in e.get("log_format", ""):
+                lines.append(e)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        clock = Clock()
+        store = GatedStore()
+        queue = WriteQueue(store, clock, max_events=10, batch_size=10)
+        for second in range(60):
+            for _tick in range(10):
+                for i in range(30):
+                    queue.put(event(f"192.0.2.{i % 7}", "100", second))
+                clock.advance(0.1)
+                store.release()
+        self.assertGreater(queue.dropped, 10_000)
+        flips = len(lines)
+        self.assertLessEqual(flips, 1 + 60 / database.SHED_REPORT_INTERVAL + 1)
+        drain(clock, store, queue)
+        clock.advance(database.SHED_REPORT_INTERVAL * 2)
+        self.assertEqual(lines[-1].get("count"), None)  # the "no events shed" line
+        self.assertEqual(1 + sum(e.get("count", 0) for e in lines), queue.dropped)
+
+    def test_stop_reporting_logs_the_rest(self):
+        """At shutdown the events shed since the last line are logged, and no report stays
+        scheduled."""
+        from twisted.logger import globalLogPublisher
+
+        lines: list[dict] = []
+        observer = lines.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        clock = Clock()
+        queue = WriteQueue(GatedStore(), clock, max_events=1)
+        for i in range(6):
+            queue.put(event(second=i))
+        queue.stop_reporting()
+        self.assertEqual(queue.dropped, 5)
+        self.assertEqual([e["count"] for e in lines if "before stopping" in e.get("log_format", "")], [4])
+        self.assertEqual([c.func.__name__ for c in clock.getDelayedCalls()], ["_write_batch"])
 
     def test_flush_waits_for_shed_counts(self):
         """flush() fires only once the shed counts are in the summaries too."""

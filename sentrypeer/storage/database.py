@@ -56,6 +56,8 @@ DEFAULT_BATCH_DELAY = 0.1
 DEFAULT_MAX_SHED_KEYS = 50_000
 #: Page size of a new database file, bytes (SQLite's default is 4,096; see :func:`prepare_database`).
 NEW_PAGE_SIZE = 16_384
+#: Seconds between two log lines about shed events while shedding goes on.
+SHED_REPORT_INTERVAL = 10.0
 #: SQLite ``busy_timeout``, milliseconds: how long a statement waits for another process's lock.
 BUSY_TIMEOUT_MS = 5000
 #: Seconds between two checkpoints of the checkpointer (see :class:`Database`).
@@ -433,8 +435,10 @@ class WriteQueue:
     ``dropped``. The counts waiting for that transaction are held in two tables of at most
     *max_shed_keys* distinct values each; a probe whose value finds its table full is counted in
     ``shed_overflow`` only (it happens when the database stalls while a flood of distinct sources
-    goes on). The first shed event of an episode is logged, and the episode's total when the queue
-    accepts events again.
+    goes on). The first shed event of an episode is logged at once, then the count of events shed
+    since the previous line every :data:`SHED_REPORT_INTERVAL` seconds while shedding goes on,
+    then one line when an interval passes without any (and :meth:`stop_reporting` logs what is
+    left at shutdown): a bounded number of lines however long the overload lasts.
 
     A batch that fails is kept and retried after *retry_delay* seconds, doubling up to
     *max_retry_delay*: a transient error (SQLITE_BUSY, disk full, ...) delays events but never
@@ -515,7 +519,9 @@ class WriteQueue:
         #: Whether _call is a batch_delay wait (ended early by a full batch or flush()).
         self._delayed = False
         self._failures = 0
-        self._dropped_since_accepting = 0
+        #: Shed events not yet in a log line, and the call that will log them.
+        self._shed_unreported = 0
+        self._shed_report_call: IDelayedCall | None = None
         #: (seq of the last event to wait for, Deferred), in seq order.
         self._waiters: collections.deque[tuple[int, Deferred[None]]] = collections.deque()
 
@@ -536,13 +542,6 @@ class WriteQueue:
             if depth >= self.max_events or (depth and self.depth_bytes + size > self.max_bytes):
                 self._shed(event, depth)
                 return False
-            if self._dropped_since_accepting:
-                log.info(
-                    "Write queue accepting events again; {count} shed while full (counted in the "
-                    "per-address and per-number summaries)",
-                    count=self._dropped_since_accepting,
-                )
-                self._dropped_since_accepting = 0
             self.queued += 1
             pending = self._pending
             pending.append(_new_entry(_Entry, (event, size, self.queued)))
@@ -561,14 +560,21 @@ class WriteQueue:
     def _shed(self, event: BadActorEvent, depth: int) -> None:
         """Count *event* as shed: in ``dropped``, and per address and number for the summaries."""
         self.dropped += 1
-        if not self._dropped_since_accepting:
+        if self._shed_report_call is None:
+            # The first shed event of an episode: one line now, then one report per interval
+            # while shedding goes on (the queue flips between full and not full with every
+            # batch under sustained overload: a line per flip would be dozens a second).
             log.warn(
-                "Write queue full ({depth} events, {size} bytes): dropping events (shed: not "
-                "stored, but their probes still counted per address and number)",
+                "Write queue full ({depth} events, {size} bytes): shedding events (not stored, "
+                "but their probes still counted per address and number); reporting every "
+                "{interval:g} s until it stops",
                 depth=depth,
                 size=self.depth_bytes,
+                interval=SHED_REPORT_INTERVAL,
             )
-        self._dropped_since_accepting += 1
+            self._shed_report_call = self._clock.callLater(SHED_REPORT_INTERVAL, self._report_shed)
+        else:
+            self._shed_unreported += 1
         stamp = event.event_timestamp
         counted = self._count_shed(self._shed_addresses, event.source_ip, stamp)
         number = event.called_number
@@ -578,6 +584,33 @@ class WriteQueue:
             self.shed_overflow += 1
         if self._call is None and not self._in_flight:
             self._schedule(0)
+
+    def _report_shed(self) -> None:
+        """Log the events shed since the last line; end the episode after a quiet interval."""
+        count, self._shed_unreported = self._shed_unreported, 0
+        if count:
+            log.warn(
+                "Write queue: {count} more events shed in the last {interval:g} s ({total} since "
+                "start; counted per address and number)",
+                count=count,
+                interval=SHED_REPORT_INTERVAL,
+                total=self.dropped,
+            )
+            self._shed_report_call = self._clock.callLater(SHED_REPORT_INTERVAL, self._report_shed)
+        else:
+            self._shed_report_call = None
+            log.info("Write queue: no events shed for {interval:g} s ({total} shed since start)",
+                     interval=SHED_REPORT_INTERVAL, total=self.dropped)
+
+    def stop_reporting(self) -> None:
+        """Cancel the pending shedding report and log what it would have said (at shutdown)."""
+        call, self._shed_report_call = self._shed_report_call, None
+        if call is not None and call.active():
+            call.cancel()
+        count, self._shed_unreported = self._shed_unreported, 0
+        if count:
+            log.warn("Write queue: {count} more events shed before stopping ({total} since start)",
+                     count=count, total=self.dropped)
 
     def _count_shed(self, table: dict[str, list], key: str, stamp: str) -> bool:
         entry = table.get(key)
@@ -846,6 +879,7 @@ class DatabaseService(Service):
             self._prune_call = None
         if self._pruning is not None:
             self._pruning.cancel()
+        self.queue.stop_reporting()
         d = self.queue.flush()
         if self.flush_timeout is not None:
             d.addTimeout(self.flush_timeout, self.clock)
