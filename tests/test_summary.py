@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import sqlite3
 import sys
@@ -338,6 +339,40 @@ class NeedsEscapeTests(SynchronousTestCase):
             conn.commit()
             queries.migrate(conn)
             self.assertEqual(self.flag(conn), 1, text)
+
+    def test_blobs_and_invalid_utf8(self):
+        """BLOB addresses or timestamps (hand-made rows) set the flag; the Python encoder then
+        lists them decoded as UTF-8 with \\xNN for bad bytes, the total and page in one snapshot.
+        The reader connection reads invalid UTF-8 text the same way instead of failing."""
+        from sentrypeer.api import resources
+        from sentrypeer.storage.database import _configure_reader
+
+        for column, value in (("event_timestamp", b"2027-01\xff"), ("source_ip", b"10\xff"),
+                              ("event_timestamp", b"2027-01-01")):
+            conn = self.fresh()
+            row = (value, "2027") if column == "source_ip" else ("10.9.9.9", value)
+            with conn:
+                conn.execute("INSERT INTO honey (source_ip, called_number, event_timestamp)"
+                             " VALUES (?, '778', ?)", row)
+            self.assertEqual(self.flag(conn), 1, (column, value))
+            text = value.decode("utf-8", "backslashreplace")
+            ips = json.loads(resources._ip_list_body(conn.cursor(), None, 0))["ip_addresses"]
+            numbers = json.loads(resources._number_list_body(conn.cursor(), None, 0))["called_numbers"]
+            if column == "source_ip":
+                self.assertEqual([e["ip_address"] for e in ips], [text])
+            else:
+                self.assertEqual([e["seen_last"] for e in ips + numbers], [text, text])
+        path = self.mktemp()
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        queries.migrate(conn)
+        conn.execute("INSERT INTO honey (source_ip) VALUES (CAST(X'3130FF41' AS TEXT))")
+        conn.commit()
+        reader = sqlite3.connect(path)
+        self.addCleanup(reader.close)
+        _configure_reader(reader)
+        listing = api_queries.list_ip_addresses(reader.cursor())
+        self.assertEqual([e.value for e in listing.entries], ["10\\xffA"])
 
     def test_list_body_falls_back(self):
         """Once set, list_body declines (None) and the Python encoder escapes the value."""

@@ -26,8 +26,9 @@ Differences from the original's queries (reference §4.3 items 3-6, bugs §14.12
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 #: The most digits a called number may have (interface.md §5).
@@ -117,17 +118,43 @@ LIST_KEYS = {
 }
 
 
+@contextlib.contextmanager
+def _snapshot(cursor: Any) -> Iterator[None]:
+    """Run the statements inside in one read transaction (one snapshot), unless the cursor's
+    connection is already in a transaction (then they are anyway)."""
+    explicit = not getattr(getattr(cursor, "connection", None), "in_transaction", True)
+    if explicit:
+        cursor.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if explicit:
+            cursor.execute("COMMIT")
+
+
+def _text(value: Any) -> str | None:
+    """A stored value as text: a BLOB (written by hand, not by this program) decoded as UTF-8 with
+    undecodable bytes as ``\\xNN``, as the SIP fields are; ``None`` stays ``None``."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return str(value)
+
+
 def _listing(cursor: Any, what: str, limit: int | None, offset: int) -> Listing:
     sql_limit, sql_offset = _page(limit, offset)
     table, column = _SUMMARIES[what]
-    cursor.execute(f"SELECT count(*) FROM {table}")
-    total = int(cursor.fetchone()[0])
-    cursor.execute(
-        f"SELECT {column}, seen_last, seen_count FROM {table}"
-        f" ORDER BY seen_last DESC, {column} ASC LIMIT ? OFFSET ?",
-        (sql_limit, sql_offset),
-    )
-    entries = [Entry(str(value), seen_last, int(count)) for value, seen_last, count in cursor.fetchall()]
+    with _snapshot(cursor):
+        cursor.execute(f"SELECT count(*) FROM {table}")
+        total = int(cursor.fetchone()[0])
+        cursor.execute(
+            f"SELECT {column}, seen_last, seen_count FROM {table}"
+            f" ORDER BY seen_last DESC, {column} ASC LIMIT ? OFFSET ?",
+            (sql_limit, sql_offset),
+        )
+        rows = cursor.fetchall()
+    entries = [Entry(_text(value), _text(seen_last), int(count)) for value, seen_last, count in rows]
     return Listing(total, entries)
 
 
@@ -158,8 +185,8 @@ def list_called_numbers(cursor: Any, limit: int | None = None, offset: int = 0) 
 
 def plain_sql(expression: str) -> str:
     """The SQL condition "*expression* is text that JSON writes as itself between quotes", as
-    :func:`is_plain`: ASCII (as many characters as bytes: SQLite's ``length`` of text stops at a
-    NUL, a blob's does not), printable (``GLOB '*[^ -~]*'`` finds a control character or DEL), no
+    :func:`is_plain`: text, not a BLOB; ASCII (as many characters as bytes: SQLite's ``length`` of
+    text stops at a NUL, a blob's does not), printable (``GLOB '*[^ -~]*'`` finds a control character or DEL), no
     ``"`` and no backslash. NULL for a NULL *expression*.
 
     Used where it runs once per value (the summaries' insert trigger, the schema migration), never
@@ -167,7 +194,8 @@ def plain_sql(expression: str) -> str:
     """
     e = expression
     return (
-        f"(length({e}) = length(CAST({e} AS BLOB)) AND NOT {e} GLOB '*[^ -~]*'"
+        f"(typeof({e}) IN ('text', 'null') AND length({e}) = length(CAST({e} AS BLOB))"
+        f" AND NOT {e} GLOB '*[^ -~]*'"
         f" AND instr({e}, '\"') = 0 AND instr({e}, '\\') = 0)"
     )
 
@@ -224,10 +252,7 @@ def list_body(cursor: Any, what: str, limit: int | None = None, offset: int = 0)
     sql_limit, sql_offset = _page(limit, offset)
     total_key, list_key, _ = LIST_KEYS[what]
     table, _ = _SUMMARIES[what]
-    explicit = not getattr(cursor.connection, "in_transaction", True)
-    if explicit:  # one snapshot for the count and the page
-        cursor.execute("BEGIN")
-    try:
+    with _snapshot(cursor):
         cursor.execute(f"SELECT (SELECT count(*) FROM {table}),"
                        " (SELECT needs_escape FROM summary_state WHERE id = 1)")
         total, needs_escape = cursor.fetchone()
@@ -246,9 +271,6 @@ def list_body(cursor: Any, what: str, limit: int | None = None, offset: int = 0)
                 break
             remaining -= count
             sql_offset += count
-    finally:
-        if explicit:
-            cursor.execute("COMMIT")
     head = b'{\n  "%s": %d,\n  "%s": ' % (total_key.encode(), total, list_key.encode())
     if not chunks:
         return head + b"[]\n}"

@@ -193,9 +193,16 @@ def _configure_writer(conn: sqlite3.Connection) -> None:
 
 
 def _configure_reader(conn: sqlite3.Connection) -> None:
-    """``cp_openfun`` of the reader and checkpointer pools: no writing at all."""
+    """``cp_openfun`` of the reader and checkpointer pools: no writing at all. Text that is not
+    valid UTF-8 (only an operator's hand-made row can hold it) is read with undecodable bytes as
+    ``\\xNN`` instead of failing the whole API request."""
     _configure(conn)
     conn.execute("PRAGMA query_only=ON")
+    conn.text_factory = _tolerant_text
+
+
+def _tolerant_text(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
 
 
 def _checkpoint(cursor: Any) -> None:
