@@ -186,8 +186,8 @@ def list_called_numbers(cursor: Any, limit: int | None = None, offset: int = 0) 
 def plain_sql(expression: str) -> str:
     """The SQL condition "*expression* is text that JSON writes as itself between quotes", as
     :func:`is_plain`: text, not a BLOB; ASCII (as many characters as bytes: SQLite's ``length`` of
-    text stops at a NUL, a blob's does not), printable (``GLOB '*[^ -~]*'`` finds a control character or DEL), no
-    ``"`` and no backslash. NULL for a NULL *expression*.
+    text stops at a NUL, a blob's does not), printable (``GLOB '*[^ -~]*'`` finds a control
+    character or DEL), no ``"`` and no backslash. NULL for a NULL *expression*.
 
     Used where it runs once per value (the summaries' insert trigger, the schema migration), never
     per row of a list: ``GLOB`` is slow.
