@@ -227,6 +227,34 @@ class SummaryPropertyTests(SynchronousTestCase):
             self.apply(conn, oracle, stored, op)
         self.check(conn, oracle)
 
+    @PROPERTY
+    @given(st.lists(st.one_of(
+        operations.filter(lambda op: op[0] != "shed"),
+        st.tuples(st.just("update"), st.tuples(st.integers(0, 1000), st.sampled_from(ADDRESSES + (None,)),
+                                               st.sampled_from(NUMBERS + (None,)),
+                                               st.one_of(st.none(), st.integers(0, 50)))),
+    ), max_size=12))
+    def test_counts_after_updates(self, ops):
+        """Rows changed by hand (UPDATE of address, number and time) move between summaries:
+        after any mix with batches and hand inserts, the summaries equal grouping honey."""
+        conn = sqlite3.connect(":memory:")
+        self.addCleanup(conn.close)
+        queries.migrate(conn)
+        oracle = Oracle()
+        stored: list[BadActorEvent] = []
+        for op in ops:
+            if op[0] == "update":
+                pick, address, number, second = op[1]
+                stamp = None if second is None else format_timestamp((1_700_000_000 + second) * 10**9)
+                with conn:
+                    conn.execute("UPDATE honey SET source_ip = ?, called_number = ?, event_timestamp = ?"
+                                 " WHERE honey_id = (SELECT honey_id FROM honey ORDER BY honey_id"
+                                 " LIMIT 1 OFFSET ? % max(1, (SELECT count(*) FROM honey)))",
+                                 (address, number, stamp, pick))
+            else:
+                self.apply(conn, oracle, stored, op)
+            self.check(conn, oracle)
+
     def test_prune_uncounts(self):
         """Retention pruning takes the deleted rows out of the summaries: a value left with no
         rows (and no shed probes) disappears, and seen_last falls back to the latest row left."""

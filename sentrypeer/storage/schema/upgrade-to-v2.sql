@@ -136,3 +136,52 @@ BEGIN
     WHERE called_number = OLD.called_number AND shed_count = 0
         AND seen_last IS coalesce(OLD.event_timestamp, OLD.created_at);
 END;
+
+-- A row changed by hand (an operator's UPDATE of an address, number or time): uncount the old
+-- values and count the new ones, as a delete then an insert would. seen_last of the old values
+-- is read again from the rows (unless shed probes, whose times are not in honey, count too).
+CREATE TRIGGER IF NOT EXISTS honey_update_summaries
+AFTER UPDATE OF source_ip, called_number, event_timestamp, created_at ON honey
+WHEN OLD.source_ip IS NOT NEW.source_ip OR OLD.called_number IS NOT NEW.called_number
+    OR OLD.event_timestamp IS NOT NEW.event_timestamp OR OLD.created_at IS NOT NEW.created_at
+BEGIN
+    UPDATE ip_summary SET seen_count = seen_count - 1 WHERE source_ip = OLD.source_ip;
+    DELETE FROM ip_summary WHERE source_ip = OLD.source_ip AND seen_count <= 0;
+    UPDATE ip_summary SET (seen_last, timestamped) = (
+        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
+        FROM honey WHERE source_ip = OLD.source_ip)
+    WHERE source_ip = OLD.source_ip AND shed_count = 0;
+    UPDATE number_summary SET seen_count = seen_count - 1
+    WHERE called_number = OLD.called_number AND NUMBER_FILTER[OLD.called_number];
+    DELETE FROM number_summary WHERE called_number = OLD.called_number AND seen_count <= 0;
+    UPDATE number_summary SET (seen_last, timestamped) = (
+        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
+        FROM honey WHERE called_number = OLD.called_number)
+    WHERE called_number = OLD.called_number AND shed_count = 0;
+    INSERT INTO ip_summary (source_ip, seen_count, seen_last, timestamped)
+    SELECT NEW.source_ip, 1, coalesce(NEW.event_timestamp, NEW.created_at),
+           NEW.event_timestamp IS NOT NULL
+    WHERE NEW.source_ip IS NOT NULL
+    ON CONFLICT (source_ip) DO UPDATE SET
+        seen_count = seen_count + 1,
+        seen_last = CASE
+            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
+            WHEN excluded.timestamped < timestamped THEN seen_last
+            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
+            ELSE seen_last END,
+        timestamped = max(timestamped, excluded.timestamped);
+    INSERT INTO number_summary (called_number, seen_count, seen_last, timestamped)
+    SELECT NEW.called_number, 1, coalesce(NEW.event_timestamp, NEW.created_at),
+           NEW.event_timestamp IS NOT NULL
+    WHERE NUMBER_FILTER[NEW.called_number]
+    ON CONFLICT (called_number) DO UPDATE SET
+        seen_count = seen_count + 1,
+        seen_last = CASE
+            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
+            WHEN excluded.timestamped < timestamped THEN seen_last
+            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
+            ELSE seen_last END,
+        timestamped = max(timestamped, excluded.timestamped);
+    UPDATE summary_state SET needs_escape = 1 WHERE id = 1 AND needs_escape = 0
+        AND (NOT PLAIN[NEW.source_ip] OR NOT PLAIN[NEW.event_timestamp] OR NOT PLAIN[NEW.created_at]);
+END;
