@@ -505,6 +505,17 @@ class PrepareDatabaseTests(SynchronousTestCase):
         self.assertEqual(queries.user_version(conn), queries.SCHEMA_VERSION)
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone(), ("wal",))
 
+    def test_missing_table(self) -> None:
+        """A current-version file missing a table (dropped by hand) is refused at start-up with
+        one line naming the table, instead of failing every write later."""
+        path = self.mktemp()
+        prepare_database(path)
+        conn = sqlite3.connect(path)
+        conn.execute("DROP TABLE ip_summary")
+        conn.commit()
+        conn.close()
+        self.assertOneLineError(path, "ip_summary", "missing")
+
     def test_page_size(self) -> None:
         """A new file gets 16 KB pages (a batch of inserts dirties fewer pages of the random-key
         indexes per event); an existing file keeps its page size."""

@@ -56,6 +56,8 @@ DEFAULT_BATCH_DELAY = 0.1
 DEFAULT_MAX_SHED_KEYS = 50_000
 #: Page size of a new database file, bytes (SQLite's default is 4,096; see :func:`prepare_database`).
 NEW_PAGE_SIZE = 16_384
+#: Tables a current database must have (checked at start-up: without them nothing can be stored).
+REQUIRED_TABLES = ("honey", "ip_summary", "number_summary", "summary_state", "sentrypeer_node")
 #: Seconds between two log lines about shed events while shedding goes on.
 SHED_REPORT_INTERVAL = 10.0
 #: SQLite ``busy_timeout``, milliseconds: how long a statement waits for another process's lock.
@@ -148,6 +150,10 @@ def prepare_database(path: str) -> str:
                 mode=mode,
             )
         before, after = queries.migrate(conn)
+        missing = [name for name in REQUIRED_TABLES if not queries._table_exists(conn, name)]
+        if missing:
+            raise StorageError(path, f"schema version {after} but table {', '.join(missing)} missing "
+                                     "(changed by hand?); restore it from a backup")
         if before != after:
             log.info(
                 "Database {path}: {what} schema version {after}",
