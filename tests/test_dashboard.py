@@ -355,6 +355,23 @@ class QueryTests(SynchronousTestCase):
         self.assertEqual(t.first_seen[:10], "2023-10-05")
         self.assertEqual(t.last_seen[:13], "2023-11-15 03")
 
+    def test_blob_values_read_as_text(self):
+        """BLOB addresses, numbers and times (rows made by hand) come back as text with \\xNN for
+        undecodable bytes, from every query the overview and event pages use."""
+        self.conn.execute("INSERT INTO honey (event_timestamp, event_uuid, source_ip, called_number,"
+                          " user_agent) VALUES (X'3230333020FF', 'b1', X'3130FF', X'373738', X'4142')")
+        t = dq.totals(self.cursor)
+        self.assertEqual(t.last_seen, "2030 \\xff")
+        self.assertIn("10\\xff", [c.value for c in dq.top_values(self.cursor, "source_ip")])
+        self.assertIn("778", [c.value for c in dq.top_values(self.cursor, "called_number")])
+        row = dq.recent_events(self.cursor).rows[0]
+        self.assertEqual((row.event_timestamp, row.source_ip, row.called_number, row.user_agent),
+                         ("2030 \\xff", "10\\xff", "778", "AB"))
+        summary = dq._summary(self.cursor, "source_ip", [b"10\xff"], "called_number")
+        self.assertEqual((summary.events, summary.last_seen), (1, "2030 \\xff"))
+        self.assertEqual([c.value for c in dq._breakdown(self.cursor, "source_ip", [b"10\xff"],
+                                                          "called_number", 5)], ["778"])
+
     def test_per_hour_and_day(self):
         """The hour and day series have 24 and 30 buckets, oldest first, ending with the current
         hour/day, zeros included, and count events by their UTC hour/day."""

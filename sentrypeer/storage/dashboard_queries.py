@@ -163,6 +163,16 @@ def cutoff(now: float, seconds: float) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + "%09d" % (moment.microsecond * 1000)
 
 
+def _text(value: Any) -> Any:
+    """A BLOB (only a row made by hand holds one in these columns) as text, undecodable bytes as
+    ``\\xNN`` like the SIP fields; anything else unchanged."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _texts(row: Sequence[Any]) -> tuple[Any, ...]:
+    return tuple(_text(value) for value in row)
+
+
 def node_id(cursor: Any) -> str | None:
     """This node's id (table ``sentrypeer_node``), or ``None`` when the database has none."""
     cursor.execute("SELECT node_id FROM sentrypeer_node WHERE id = 1")
@@ -184,7 +194,7 @@ def totals(cursor: Any) -> Totals:
     cursor.execute("SELECT count(DISTINCT called_number) FROM honey")
     numbers = int(cursor.fetchone()[0])
     cursor.execute("SELECT min(event_timestamp), max(event_timestamp) FROM honey")
-    first_seen, last_seen = cursor.fetchone()
+    first_seen, last_seen = _texts(cursor.fetchone())
     return Totals(events, source_ips, numbers, first_seen, last_seen)
 
 
@@ -266,7 +276,7 @@ def top_values(cursor: Any, column: str, limit: int = 10, since: str | None = No
         f" ORDER BY n DESC, {column} LIMIT ?",
         (*params, _bounded(limit)),
     )
-    return [Count(value, int(count)) for value, count in cursor.fetchall()]
+    return [Count(_text(value), int(count)) for value, count in cursor.fetchall()]
 
 
 def _event_where(filters: EventFilter) -> tuple[str, list[Any]]:
@@ -313,7 +323,7 @@ def recent_events(
         " ORDER BY event_timestamp DESC, honey_id DESC LIMIT ? OFFSET ?",
         (*params, size + 1, offset),
     )
-    rows = [EventRow(*row) for row in cursor.fetchall()]
+    rows = [EventRow(*_texts(row)) for row in cursor.fetchall()]
     return EventPage(rows[:size], len(rows) > size)
 
 
@@ -323,7 +333,7 @@ def _summary(cursor: Any, key: str, values: Sequence[str], other: str) -> Summar
         f" count(DISTINCT user_agent) FROM honey WHERE {key} IN ({_placeholders(values)})",
         tuple(values),
     )
-    events, first_seen, last_seen, distinct, user_agents = cursor.fetchone()
+    events, first_seen, last_seen, distinct, user_agents = _texts(cursor.fetchone())
     return Summary(int(events), first_seen, last_seen, int(distinct), int(user_agents))
 
 
@@ -336,7 +346,7 @@ def _breakdown(cursor: Any, key: str, values: Sequence[str], column: str, limit:
         f" ORDER BY n DESC, {column} LIMIT ?",
         (*values, _bounded(limit)),
     )
-    return [Count(value, int(count), last) for value, count, last in cursor.fetchall()]
+    return [Count(_text(value), int(count), _text(last)) for value, count, last in cursor.fetchall()]
 
 
 def ip_summary(cursor: Any, spellings: Sequence[str]) -> Summary:
