@@ -203,16 +203,25 @@ def _split_statements(script: str) -> Iterator[str]:
         if sqlite3.complete_statement(statement):
             pending = []
             yield statement.strip()
+    rest = [line for line in pending if line.strip() and not line.lstrip().startswith("--")]
+    if rest:
+        raise ValueError(f"schema file ends inside a statement: {rest[0].strip()!r}")
 
 
 def _run_schema_file(conn: Any, name: str) -> None:
     for statement in schema_statements(name):
+        statement = _COUNT_ROW_TOKEN.sub(lambda m: _count_row_sql(m.group(1)), statement)
+        statement = _UNCOUNT_ROW_TOKEN.sub(lambda m: _uncount_row_sql(m.group(1)), statement)
         statement = _NUMBER_FILTER_TOKEN.sub(lambda m: number_filter_sql(m.group(1)), statement)
         conn.execute(_PLAIN_TOKEN.sub(lambda m: plain_sql(m.group(1)), statement))
 
 
 #: ``NUMBER_FILTER[expr]`` in a schema file: :func:`~sentrypeer.storage.api_queries.number_filter_sql`.
 _NUMBER_FILTER_TOKEN = re.compile(r"NUMBER_FILTER\[([A-Za-z_.]+)\]")
+#: ``COUNT_ROW[r]`` and ``UNCOUNT_ROW[r]`` in a schema file: :func:`_count_row_sql`,
+#: :func:`_uncount_row_sql`.
+_COUNT_ROW_TOKEN = re.compile(r"\bCOUNT_ROW\[(NEW|OLD)\]")
+_UNCOUNT_ROW_TOKEN = re.compile(r"\bUNCOUNT_ROW\[(NEW|OLD)\]")
 #: ``PLAIN[expr]`` in a schema file: :func:`~sentrypeer.storage.api_queries.plain_sql`.
 _PLAIN_TOKEN = re.compile(r"PLAIN\[([A-Za-z_.]+)\]")
 
@@ -566,11 +575,11 @@ _ADD_TAIL = (
     " timestamped = 1"
 )
 
-#: The insert triggers' work for every row after ``honey_id`` ``?``, grouped.
-_SUMMARIZE_SINCE = (
-    "INSERT INTO {table} ({column}, seen_count, seen_last, timestamped)"
-    " SELECT {column}, count(*), coalesce(max(event_timestamp), max(created_at)),"
-    " max(event_timestamp) IS NOT NULL FROM honey WHERE honey_id > ? AND {where} GROUP BY {column}"
+#: ``ON CONFLICT`` clause adding an ``INSERT INTO <summary> (column, seen_count, seen_last,
+#: timestamped)`` to the existing summary row: the counts add up; seen_last follows the API's rule
+#: ``coalesce(max(event_timestamp), max(created_at))`` (a time from event_timestamp beats one from
+#: created_at). Shared by :data:`_SUMMARIZE_SINCE` and the triggers (:func:`_count_row_sql`).
+_MERGE_SUMMARY = (
     " ON CONFLICT ({column}) DO UPDATE SET seen_count = seen_count + excluded.seen_count,"
     " seen_last = CASE"
     " WHEN excluded.timestamped > timestamped THEN excluded.seen_last"
@@ -579,6 +588,55 @@ _SUMMARIZE_SINCE = (
     " ELSE seen_last END,"
     " timestamped = max(timestamped, excluded.timestamped)"
 )
+
+#: The insert triggers' work for every row after ``honey_id`` ``?``, grouped.
+_SUMMARIZE_SINCE = (
+    "INSERT INTO {table} ({column}, seen_count, seen_last, timestamped)"
+    " SELECT {column}, count(*), coalesce(max(event_timestamp), max(created_at)),"
+    " max(event_timestamp) IS NOT NULL FROM honey WHERE honey_id > ? AND {where} GROUP BY {column}"
+    + _MERGE_SUMMARY
+)
+
+#: ``(table, column, "row r counts in it" SQL for r)`` of each summary.
+_SUMMARY_ROWS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("ip_summary", "source_ip", lambda r: f"{r}.source_ip IS NOT NULL"),
+    ("number_summary", "called_number", lambda r: number_filter_sql(f"{r}.called_number")),
+)
+
+
+def _count_row_sql(r: str) -> str:
+    """``COUNT_ROW[r];`` of a schema file: the trigger statements (the file's ``;`` ends the last)
+    counting row *r* (``NEW``) in both summaries, and setting ``needs_escape`` when its address or
+    time is not plain (a listed number always is)."""
+    statements = [
+        f"INSERT INTO {table} ({column}, seen_count, seen_last, timestamped)"
+        f" SELECT {r}.{column}, 1, coalesce({r}.event_timestamp, {r}.created_at),"
+        f" {r}.event_timestamp IS NOT NULL WHERE {counts(r)}" + _MERGE_SUMMARY.format(column=column)
+        for table, column, counts in _SUMMARY_ROWS
+    ]
+    statements.append(
+        "UPDATE summary_state SET needs_escape = 1 WHERE id = 1 AND needs_escape = 0 AND ("
+        + " OR ".join(f"NOT {plain_sql(f'{r}.{c}')}" for c in ("source_ip", "event_timestamp", "created_at"))
+        + ")"
+    )
+    return ";\n".join(statements)
+
+
+def _uncount_row_sql(r: str) -> str:
+    """``UNCOUNT_ROW[r];`` of a schema file: the trigger statements taking row *r* (``OLD``) out of
+    both summaries (see ``schema/upgrade-to-v2.sql``)."""
+    statements = []
+    for table, column, _ in _SUMMARY_ROWS:
+        same = f"{column} = {r}.{column}"
+        statements += [
+            f"UPDATE {table} SET seen_count = seen_count - 1 WHERE {same}",
+            f"DELETE FROM {table} WHERE {same} AND seen_count <= 0",
+            f"UPDATE {table} SET (seen_last, timestamped) = ("
+            f"SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL"
+            f" FROM honey WHERE {same}) WHERE {same} AND shed_count = 0"
+            f" AND seen_last IS coalesce({r}.event_timestamp, {r}.created_at)",
+        ]
+    return ";\n".join(statements)
 
 
 def record_shed(

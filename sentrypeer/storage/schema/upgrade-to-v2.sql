@@ -75,113 +75,36 @@ UPDATE summary_state SET needs_escape = 1 WHERE id = 1
     AND (EXISTS (SELECT 1 FROM ip_summary WHERE NOT PLAIN[source_ip] OR NOT PLAIN[seen_last])
          OR EXISTS (SELECT 1 FROM number_summary WHERE NOT PLAIN[seen_last]));
 
--- One more row: count it; its time replaces seen_last when it is later, or when it is the
--- first event_timestamp after rows that had only created_at. One trigger for both summaries:
--- its WHEN clause runs for every row, batched or not, so it is kept to one look-up.
+-- The triggers' bodies are two fragments, written once in sentrypeer.storage.queries and
+-- expanded for the row named in brackets (NEW or OLD):
+--   COUNT_ROW[r]: one more row r: count it in each summary (creating the summary row); its time
+--     replaces seen_last when it is later, or when it is the first event_timestamp after rows
+--     that had only created_at; set needs_escape when r's address or time is not PLAIN.
+--   UNCOUNT_ROW[r]: one row r less: uncount it, forget a value with nothing left, and when r may
+--     have been the latest, read seen_last again from the rows left (through the value's index).
+--     A value that also has shed probes keeps its seen_last: their times are not in honey.
+
+-- One trigger for both summaries: its WHEN clause runs for every row, batched or not, so it is
+-- kept to one look-up.
 CREATE TRIGGER IF NOT EXISTS honey_insert_summaries AFTER INSERT ON honey
 WHEN NOT coalesce((SELECT batching FROM summary_state WHERE id = 1), 0)
 BEGIN
-    INSERT INTO ip_summary (source_ip, seen_count, seen_last, timestamped)
-    SELECT NEW.source_ip, 1, coalesce(NEW.event_timestamp, NEW.created_at),
-           NEW.event_timestamp IS NOT NULL
-    WHERE NEW.source_ip IS NOT NULL
-    ON CONFLICT (source_ip) DO UPDATE SET
-        seen_count = seen_count + 1,
-        seen_last = CASE
-            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
-            WHEN excluded.timestamped < timestamped THEN seen_last
-            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
-            ELSE seen_last END,
-        timestamped = max(timestamped, excluded.timestamped);
-    INSERT INTO number_summary (called_number, seen_count, seen_last, timestamped)
-    SELECT NEW.called_number, 1, coalesce(NEW.event_timestamp, NEW.created_at),
-           NEW.event_timestamp IS NOT NULL
-    WHERE NUMBER_FILTER[NEW.called_number]
-    ON CONFLICT (called_number) DO UPDATE SET
-        seen_count = seen_count + 1,
-        seen_last = CASE
-            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
-            WHEN excluded.timestamped < timestamped THEN seen_last
-            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
-            ELSE seen_last END,
-        timestamped = max(timestamped, excluded.timestamped);
-    -- (a listed number is plain by definition)
-    UPDATE summary_state SET needs_escape = 1 WHERE id = 1 AND needs_escape = 0
-        AND (NOT PLAIN[NEW.source_ip] OR NOT PLAIN[NEW.event_timestamp] OR NOT PLAIN[NEW.created_at]);
+    COUNT_ROW[NEW];
 END;
 
--- One row less (retention pruning): uncount it, forget a value with nothing left, and when the
--- row may have been the latest, read seen_last again from the rows left (through the value's
--- index). A value that also has shed probes keeps its seen_last: their times are not in honey.
-CREATE TRIGGER IF NOT EXISTS honey_delete_ip_summary AFTER DELETE ON honey
-WHEN OLD.source_ip IS NOT NULL
+-- Retention pruning, or a delete by hand.
+CREATE TRIGGER IF NOT EXISTS honey_delete_summaries AFTER DELETE ON honey
 BEGIN
-    UPDATE ip_summary SET seen_count = seen_count - 1 WHERE source_ip = OLD.source_ip;
-    DELETE FROM ip_summary WHERE source_ip = OLD.source_ip AND seen_count <= 0;
-    UPDATE ip_summary SET (seen_last, timestamped) = (
-        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
-        FROM honey WHERE source_ip = OLD.source_ip)
-    WHERE source_ip = OLD.source_ip AND shed_count = 0
-        AND seen_last IS coalesce(OLD.event_timestamp, OLD.created_at);
+    UNCOUNT_ROW[OLD];
 END;
 
-CREATE TRIGGER IF NOT EXISTS honey_delete_number_summary AFTER DELETE ON honey
-WHEN NUMBER_FILTER[OLD.called_number]
-BEGIN
-    UPDATE number_summary SET seen_count = seen_count - 1 WHERE called_number = OLD.called_number;
-    DELETE FROM number_summary WHERE called_number = OLD.called_number AND seen_count <= 0;
-    UPDATE number_summary SET (seen_last, timestamped) = (
-        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
-        FROM honey WHERE called_number = OLD.called_number)
-    WHERE called_number = OLD.called_number AND shed_count = 0
-        AND seen_last IS coalesce(OLD.event_timestamp, OLD.created_at);
-END;
-
--- A row changed by hand (an operator's UPDATE of an address, number or time): uncount the old
--- values and count the new ones, as a delete then an insert would. seen_last of the old values
--- is read again from the rows (unless shed probes, whose times are not in honey, count too).
+-- A row changed by hand (an operator's UPDATE of an address, number or time): as a delete of the
+-- old row and an insert of the new one.
 CREATE TRIGGER IF NOT EXISTS honey_update_summaries
 AFTER UPDATE OF source_ip, called_number, event_timestamp, created_at ON honey
 WHEN OLD.source_ip IS NOT NEW.source_ip OR OLD.called_number IS NOT NEW.called_number
     OR OLD.event_timestamp IS NOT NEW.event_timestamp OR OLD.created_at IS NOT NEW.created_at
 BEGIN
-    UPDATE ip_summary SET seen_count = seen_count - 1 WHERE source_ip = OLD.source_ip;
-    DELETE FROM ip_summary WHERE source_ip = OLD.source_ip AND seen_count <= 0;
-    UPDATE ip_summary SET (seen_last, timestamped) = (
-        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
-        FROM honey WHERE source_ip = OLD.source_ip)
-    WHERE source_ip = OLD.source_ip AND shed_count = 0;
-    UPDATE number_summary SET seen_count = seen_count - 1
-    WHERE called_number = OLD.called_number AND NUMBER_FILTER[OLD.called_number];
-    DELETE FROM number_summary WHERE called_number = OLD.called_number AND seen_count <= 0;
-    UPDATE number_summary SET (seen_last, timestamped) = (
-        SELECT coalesce(max(event_timestamp), max(created_at)), max(event_timestamp) IS NOT NULL
-        FROM honey WHERE called_number = OLD.called_number)
-    WHERE called_number = OLD.called_number AND shed_count = 0;
-    INSERT INTO ip_summary (source_ip, seen_count, seen_last, timestamped)
-    SELECT NEW.source_ip, 1, coalesce(NEW.event_timestamp, NEW.created_at),
-           NEW.event_timestamp IS NOT NULL
-    WHERE NEW.source_ip IS NOT NULL
-    ON CONFLICT (source_ip) DO UPDATE SET
-        seen_count = seen_count + 1,
-        seen_last = CASE
-            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
-            WHEN excluded.timestamped < timestamped THEN seen_last
-            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
-            ELSE seen_last END,
-        timestamped = max(timestamped, excluded.timestamped);
-    INSERT INTO number_summary (called_number, seen_count, seen_last, timestamped)
-    SELECT NEW.called_number, 1, coalesce(NEW.event_timestamp, NEW.created_at),
-           NEW.event_timestamp IS NOT NULL
-    WHERE NUMBER_FILTER[NEW.called_number]
-    ON CONFLICT (called_number) DO UPDATE SET
-        seen_count = seen_count + 1,
-        seen_last = CASE
-            WHEN excluded.timestamped > timestamped THEN excluded.seen_last
-            WHEN excluded.timestamped < timestamped THEN seen_last
-            WHEN seen_last IS NULL OR excluded.seen_last > seen_last THEN excluded.seen_last
-            ELSE seen_last END,
-        timestamped = max(timestamped, excluded.timestamped);
-    UPDATE summary_state SET needs_escape = 1 WHERE id = 1 AND needs_escape = 0
-        AND (NOT PLAIN[NEW.source_ip] OR NOT PLAIN[NEW.event_timestamp] OR NOT PLAIN[NEW.created_at]);
+    UNCOUNT_ROW[OLD];
+    COUNT_ROW[NEW];
 END;
