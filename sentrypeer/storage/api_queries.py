@@ -132,14 +132,17 @@ def _snapshot(cursor: Any) -> Iterator[None]:
             cursor.execute("COMMIT")
 
 
+def stored_text(value: Any) -> Any:
+    """A value read from the database as text when it is a BLOB or undecodable text (only rows
+    written by hand hold them in text columns): UTF-8 with undecodable bytes as ``\\xNN``, as the
+    SIP fields are; anything else unchanged. Also the reader connection's ``text_factory``."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
 def _text(value: Any) -> str | None:
-    """A stored value as text: a BLOB (written by hand, not by this program) decoded as UTF-8 with
-    undecodable bytes as ``\\xNN``, as the SIP fields are; ``None`` stays ``None``."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return str(value)
+    """:func:`stored_text`, and a number stored by hand as its digits (``None`` stays ``None``)."""
+    value = stored_text(value)
+    return value if value is None or isinstance(value, str) else str(value)
 
 
 def _listing(cursor: Any, what: str, limit: int | None, offset: int) -> Listing:

@@ -21,6 +21,8 @@ import datetime
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from sentrypeer.storage.api_queries import stored_text
+
 #: Columns a "top" list may group by (anything else is refused: the name is put into SQL).
 TOP_COLUMNS = frozenset({"source_ip", "called_number", "user_agent", "method", "transport_type"})
 
@@ -163,14 +165,8 @@ def cutoff(now: float, seconds: float) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + "%09d" % (moment.microsecond * 1000)
 
 
-def _text(value: Any) -> Any:
-    """A BLOB (only a row made by hand holds one in these columns) as text, undecodable bytes as
-    ``\\xNN`` like the SIP fields; anything else unchanged."""
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
-
-
 def _texts(row: Sequence[Any]) -> tuple[Any, ...]:
-    return tuple(_text(value) for value in row)
+    return tuple(stored_text(value) for value in row)
 
 
 def node_id(cursor: Any) -> str | None:
@@ -276,7 +272,7 @@ def top_values(cursor: Any, column: str, limit: int = 10, since: str | None = No
         f" ORDER BY n DESC, {column} LIMIT ?",
         (*params, _bounded(limit)),
     )
-    return [Count(_text(value), int(count)) for value, count in cursor.fetchall()]
+    return [Count(stored_text(value), int(count)) for value, count in cursor.fetchall()]
 
 
 def _event_where(filters: EventFilter) -> tuple[str, list[Any]]:
@@ -346,7 +342,8 @@ def _breakdown(cursor: Any, key: str, values: Sequence[str], column: str, limit:
         f" ORDER BY n DESC, {column} LIMIT ?",
         (*values, _bounded(limit)),
     )
-    return [Count(_text(value), int(count), _text(last)) for value, count, last in cursor.fetchall()]
+    return [Count(stored_text(value), int(count), stored_text(last))
+            for value, count, last in cursor.fetchall()]
 
 
 def ip_summary(cursor: Any, spellings: Sequence[str]) -> Summary:

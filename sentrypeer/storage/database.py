@@ -40,7 +40,7 @@ from zope.interface import Interface, implementer
 
 from sentrypeer.events import BadActorEvent, format_timestamp, new_event_uuid
 from sentrypeer.storage import SchemaVersionError, StorageError, queries
-from sentrypeer.storage.api_queries import is_number
+from sentrypeer.storage.api_queries import is_number, stored_text
 
 log = Logger(namespace="sentrypeer.storage")
 
@@ -204,11 +204,7 @@ def _configure_reader(conn: sqlite3.Connection) -> None:
     ``\\xNN`` instead of failing the whole API request."""
     _configure(conn)
     conn.execute("PRAGMA query_only=ON")
-    conn.text_factory = _tolerant_text
-
-
-def _tolerant_text(data: bytes) -> str:
-    return data.decode("utf-8", "backslashreplace")
+    conn.text_factory = stored_text
 
 
 def _checkpoint(cursor: Any) -> None:
