@@ -23,17 +23,10 @@ import sys
 import time
 
 from twisted.internet import reactor
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.python import usage
 from twisted.web.server import Request
 
-from sentrypeer.service import build_service
+from sentrypeer.service import start
 from sentrypeer.tap import Options
 
 #: Server times kept between two reports, at most (a longer run keeps the first ones).
@@ -109,19 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     except usage.UsageError as e:
         sys.stderr.write(f"bench.product: {e}\n")
         return 2
-    config = options.config
-    level = LogLevel.debug if config.debug else LogLevel.info
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    service = build_service(config, reactor)
     try:
-        service.privilegedStartService()
-        service.startService()
+        service = start(options.config, reactor)
     except SystemExit as e:
         return int(e.code or 1)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.addSystemEventTrigger("after", "shutdown", lambda: _report(service, "final"))
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(_report, service, "snapshot"))
     api = service.api_service

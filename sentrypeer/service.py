@@ -380,6 +380,25 @@ def build_service(config: Config, reactor=None) -> SentryPeerService:
     return SentryPeerService(config, reactor)
 
 
+def start(config: Config, reactor) -> SentryPeerService:
+    """Log to stderr (debug level with ``-d``), build and start the service tree, and have it
+    stopped when the reactor shuts down; the caller then runs the reactor.
+
+    :raises SystemExit: start-up failed (already logged; the code is the exit status).
+    """
+    level = LogLevel.debug if config.debug else LogLevel.info
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stderr),
+        [LogLevelFilterPredicate(defaultLogLevel=level)],
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    service = build_service(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    return service
+
+
 def run(config: Config, reactor=None) -> int:
     """Run SentryPeer in the foreground, logging to stderr, until SIGINT/SIGTERM.
 
@@ -391,18 +410,9 @@ def run(config: Config, reactor=None) -> int:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    level = LogLevel.debug if config.debug else LogLevel.info
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stderr),
-        [LogLevelFilterPredicate(defaultLogLevel=level)],
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    service = build_service(config, reactor)
     try:
-        service.privilegedStartService()
-        service.startService()
+        start(config, reactor)
     except SystemExit as e:
         return int(e.code or 1)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return 0
